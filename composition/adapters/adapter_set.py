@@ -1,0 +1,111 @@
+"""AdapterSet: every adapter read from one file, keyed by canonical module name, plus helpers to combine
+the adapters (several slices may target one fused module) into one delta or one per-token output.
+
+Canonical names are ComfyUI Flux module paths without prefix (``double_blocks.0.img_attn.qkv``,
+``single_blocks.7.linear1``, ``final_layer.adaLN_modulation.1``, ``double_blocks.0.img_attn.norm.key_norm``).
+Text-encoder parts live in ``te_adapters`` under ``clip_l:<HF CLIPTextModel path>`` / ``t5xxl:<T5 path>``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .common import WEIGHT, apply_parameter_delta
+from .decomposed import DoRA
+from .full import SetWeight, WeightDiff
+from .hadamard import LoHa
+from .kronecker import LoKr
+from .lowrank import LoRA
+
+logger = logging.getLogger(__name__)
+
+Adapter = LoRA | LoHa | LoKr | DoRA | WeightDiff | SetWeight
+TEXT_ENCODERS = ("clip_l", "t5xxl")
+NEEDS_BASE = (DoRA, SetWeight)
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """One file's adapters. Mappings are read-only by convention (the dataclass is frozen).
+
+    ``adapters``: canonical Flux module -> adapters on it (a slice adapter carries its ``offset``).
+    ``te_adapters``: ``clip_l:...`` / ``t5xxl:...`` -> adapters. ``leftovers``: file keys no converter consumed.
+    ``widened_inputs``: module -> ``(out, in)`` for BFL control LoRAs whose ``img_in`` input is wider than the
+    model's (the model weight must be zero-padded to that shape before the adapter applies).
+    """
+
+    source: str
+    format: str
+    adapters: Mapping[str, tuple[Adapter, ...]]
+    te_adapters: Mapping[str, tuple[Adapter, ...]] = field(default_factory=dict)
+    leftovers: tuple[str, ...] = ()
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    widened_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    sha256: str | None = None
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Canonical Flux module names touched, sorted."""
+        return tuple(sorted(self.adapters))
+
+    def kinds(self) -> dict[str, int]:
+        """Adapter kind name -> count (``{"LoRA": 494}``), for summaries."""
+        counts: dict[str, int] = {}
+        for group in (*self.adapters.values(), *self.te_adapters.values()):
+            for a in group:
+                counts[type(a).__name__] = counts.get(type(a).__name__, 0) + 1
+        return counts
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "AdapterSet":
+        """Copy with every adapter moved/cast."""
+        def move(groups: Mapping[str, tuple[Adapter, ...]]) -> dict[str, tuple[Adapter, ...]]:
+            return {k: tuple(a.to(device=device, dtype=dtype) for a in v) for k, v in groups.items()}
+        return AdapterSet(source=self.source, format=self.format, adapters=move(self.adapters),
+                          te_adapters=move(self.te_adapters), leftovers=self.leftovers, metadata=self.metadata,
+                          widened_inputs=self.widened_inputs, sha256=self.sha256)
+
+
+def merged_delta(adapters: Iterable[Adapter], target_shape: tuple[int, ...],
+                 base_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sum of the adapters' deltas placed at their offsets: ``[*target_shape]`` in ``dtype``.
+
+    All adapters must write the same parameter. ``base_weight`` (whole parameter) is needed by DoRA/SetWeight.
+    """
+    total = torch.zeros(target_shape, dtype=dtype)
+    for a in adapters:
+        d = a.delta_weight(base_weight).to(dtype)
+        if a.offset is None:
+            total = total.to(d.device) + d
+        else:
+            total = total.to(d.device)
+            total[a.offset.start:a.offset.stop] += d
+    return total
+
+
+def bypass_output(adapters: Iterable[Adapter], x: torch.Tensor, out_features: int,
+                  base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token sum of the adapters' outputs placed at their offsets: ``x [..., in] -> [..., out_features]``."""
+    out = x.new_zeros(*x.shape[:-1], out_features)
+    for a in adapters:
+        y = a.bypass_delta(x, base_weight)
+        if a.offset is None:
+            out = out + y
+        else:
+            out[..., a.offset.start:a.offset.stop] += y
+    return out
+
+
+def strength_applied(x: torch.Tensor, base: torch.Tensor, adapters: Iterable[Adapter], strength: float,
+                     parameter: str = WEIGHT, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + strength · Σ bypass`` for one module: the reference per-token forward used by tests/bridges."""
+    adapters = tuple(adapters)
+    if any(a.parameter != parameter for a in adapters):
+        raise ValueError(f"adapters write different parameters than {parameter!r}")
+    return base + strength * bypass_output(adapters, x, base.shape[-1], base_weight)
+
+
+__all__ = ["Adapter", "AdapterSet", "NEEDS_BASE", "TEXT_ENCODERS", "apply_parameter_delta", "bypass_output",
+           "merged_delta", "strength_applied"]
