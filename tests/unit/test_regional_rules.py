@@ -1,0 +1,164 @@
+"""Regional attention rules: labelling, allowed matrix per background mode, schedule, blending, probes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_loom.composition.plan import (MethodOptions, Plan, PlanError, Region, RegionOptions, RuleSchedule,
+                                        TextSpans, region_token_masks)
+from lora_loom.composition.regional import (BACKGROUND_IMAGE, GLOBAL_TEXT, ActiveRules, active_rules,
+                                            allowed_groups, base_allowed, blend_base, build_attention_rules,
+                                            label_joint_sequence, region_image_group, region_text_group,
+                                            region_token_weights, rule_applies)
+from lora_loom.kernels.probes import attention_probabilities
+
+T0, BG = GLOBAL_TEXT, BACKGROUND_IMAGE
+T1, I1, T2, I2 = region_text_group(0), region_image_group(0), region_text_group(1), region_image_group(1)
+
+
+def _plan(background: str = "global", isolate_second: bool = True) -> Plan:
+    """Region 0: left third, region 1: right third, background: the middle column band."""
+    return Plan("a street", (Region("a cat", box=(0.0, 0.0, 0.25, 1.0)),
+                             Region("a dog", box=(0.75, 0.0, 1.0, 1.0),
+                                    options=RegionOptions(isolate=isolate_second))),
+                background=background).validate()
+
+
+ON = ActiveRules(injection=True, isolation=True, base_blend=False)
+
+
+@pytest.mark.parametrize("background, rules, query, key, expected", [
+    # concept injection
+    ("global", ON, I1, T1, True), ("global", ON, I1, T0, True), ("global", ON, I1, T2, False),
+    ("global", ON, T1, T1, True), ("global", ON, T1, I1, True), ("global", ON, T1, T0, False),
+    ("global", ON, T1, T2, False), ("global", ON, T1, I2, False), ("global", ON, T1, BG, False),
+    ("global", ON, T0, T0, True), ("global", ON, T0, T1, False), ("global", ON, T0, I1, True),
+    ("global", ON, T0, BG, True), ("global", ON, BG, T0, True), ("global", ON, BG, T1, False),
+    ("shared", ON, BG, T1, True), ("shared", ON, BG, T2, True), ("isolated", ON, BG, T1, False),
+    # concept isolation
+    ("global", ON, I1, I2, False), ("global", ON, I2, I1, False), ("global", ON, I1, I1, True),
+    ("global", ON, I1, BG, True), ("global", ON, BG, I2, True), ("shared", ON, I1, BG, True),
+    ("isolated", ON, I1, BG, False), ("isolated", ON, BG, I1, False), ("isolated", ON, BG, BG, True),
+    # rules switched off
+    ("isolated", ActiveRules(True, False, False), I1, I2, True),
+    ("isolated", ActiveRules(True, False, False), BG, I1, True),
+    ("global", ActiveRules(False, True, False), I1, T2, True),
+    ("global", ActiveRules(False, True, False), T1, I2, True),
+    ("global", ActiveRules(False, True, False), I1, I2, False),
+])
+def test_allowed_matrix(background: str, rules: ActiveRules, query: int, key: int, expected: bool) -> None:
+    assert bool(allowed_groups(_plan(background), rules)[query, key]) is expected
+
+
+def test_all_rules_off_is_unrestricted() -> None:
+    assert allowed_groups(_plan(), ActiveRules(False, False, False)).all()
+
+
+def test_region_without_isolation_sees_all_images() -> None:
+    allowed = allowed_groups(_plan("isolated", isolate_second=False), ON)
+    assert allowed[I2, I1] and allowed[I1, I2] and allowed[I2, BG] and allowed[BG, I2]
+    assert not allowed[I1, BG]
+
+
+def test_labels_layout_and_image_first() -> None:
+    plan = _plan()
+    masks = region_token_masks(plan, 8, 8)  # grid 4x4: column 0 -> region 0, column 3 -> region 1
+    spans = TextSpans.from_lengths(3, [2, 4])
+    labels = label_joint_sequence(plan, masks, spans)
+    assert labels[:9].tolist() == [T0] * 3 + [T1] * 2 + [T2] * 4
+    assert labels[9:].reshape(4, 4).tolist() == [[I1, BG, BG, I2]] * 4
+    flipped = label_joint_sequence(plan, masks, spans, image_first=True, n_image_tokens=18)
+    assert flipped[:16].tolist() == labels[9:].tolist() and flipped[16:18].tolist() == [BG, BG]
+    assert flipped[18:].tolist() == labels[:9].tolist()
+
+
+@pytest.mark.parametrize("values, threshold, expected", [
+    ([[0.6], [0.9]], 0.5, I2),   # the largest coverage wins
+    ([[0.7], [0.7]], 0.5, I1),   # ties go to the lowest region index
+    ([[0.4], [0.3]], 0.5, BG),   # below the threshold: background
+    ([[0.4], [0.3]], 0.25, I1),
+])
+def test_overlap_assignment(values: list[list[float]], threshold: float, expected: int) -> None:
+    plan = Plan("g", _plan().regions, options=MethodOptions(region_threshold=threshold))
+    labels = label_joint_sequence(plan, torch.tensor(values), TextSpans.from_lengths(1, [1, 1]))
+    assert labels[-1].item() == expected
+
+
+@pytest.mark.parametrize("masks, spans, message", [
+    (torch.zeros(3, 16), TextSpans.from_lengths(1, [1, 1]), "3 masks and 2 text spans for 2 regions"),
+    (torch.zeros(2, 16), TextSpans.from_lengths(1, [1]), "2 masks and 1 text spans"),
+    (torch.zeros(2, 1, 1, 16), TextSpans.from_lengths(1, [1, 1]), "expected \\[N, L_img\\]"),
+    (torch.stack([torch.eye(2)[:, :1].expand(2, 16), torch.eye(2)[:, 1:].expand(2, 16)], 1),
+     TextSpans.from_lengths(1, [1, 1]), "batch items assign tokens to different regions"),
+])
+def test_label_errors(masks: torch.Tensor, spans: TextSpans, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        label_joint_sequence(_plan(), masks, spans)
+
+
+def test_n_image_tokens_smaller_than_grid_raises() -> None:
+    with pytest.raises(PlanError, match="smaller than the token grid"):
+        label_joint_sequence(_plan(), torch.zeros(2, 16), TextSpans.from_lengths(1, [1, 1]), n_image_tokens=4)
+
+
+def test_rule_schedule() -> None:
+    plan = Plan("g", (), rules=(RuleSchedule("injection", frozenset({0, 2}), None, 0.0, 0.5),
+                                RuleSchedule("isolation", None, frozenset(), 0.2, 1.0)))
+    cases = [("injection", "double", 0, 0.0, True), ("injection", "double", 1, 0.1, False),
+             ("injection", "double", 2, 0.49, True), ("injection", "double", 2, 0.5, False),
+             ("injection", "single", 37, 0.3, True), ("isolation", "single", 3, 0.5, False),
+             ("isolation", "double", 18, 0.1, False), ("isolation", "double", 18, 1.0, True),
+             ("base_blend", "double", 0, 0.0, False)]
+    for rule, block_type, index, percent, expected in cases:
+        assert rule_applies(plan, rule, block_type, index, percent) is expected, (rule, block_type, index, percent)
+    assert active_rules(plan, "double", 0, 0.3) == ActiveRules(True, True, False)
+    with pytest.raises(PlanError, match="block_type 'triple'"):
+        rule_applies(plan, "injection", "triple", 0, 0.0)
+
+
+def test_base_allowed_and_blend() -> None:
+    plan = _plan()
+    regional = allowed_groups(plan, ON)
+    base = base_allowed(plan, regional)
+    assert torch.equal(base[T1], regional[T1]) and torch.equal(base[T2], regional[T2])
+    for q in (T0, BG, I1, I2):
+        assert base[q].tolist() == [True, True, False, True, False, True]
+    h_regional, h_base = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    assert torch.allclose(blend_base(h_regional, h_base, 0.25), torch.full((2, 3, 4), 0.25))
+    assert blend_base(h_regional, h_base, 0.0) is h_regional
+    with pytest.raises(PlanError, match="beta 1.5"):
+        blend_base(h_regional, h_base, 1.5)
+    with pytest.raises(PlanError, match="shapes differ"):
+        blend_base(h_regional, h_base[:, :2], 0.5)
+
+
+def test_region_token_weights() -> None:
+    plan = Plan("g", (Region("a", box=(0, 0, 0.375, 1)), Region("b", box=(0.5, 0, 1, 1),
+                                                                 options=RegionOptions(adapters_on_text=False))))
+    masks = region_token_masks(plan, 8, 8, batch=2)
+    spans = TextSpans.from_lengths(2, [3, 1])
+    weights = region_token_weights(plan, masks, spans)
+    assert weights.shape == (2, 6 + 16, 2)
+    assert weights[:, 2:5, 0].eq(1).all() and weights[:, :2].eq(0).all() and weights[:, 5, 1].eq(0).all()
+    assert weights[0, 6:10, 0].tolist() == [1.0, 0.5, 0.0, 0.0] and weights[0, 6:10, 1].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("background", ["global", "isolated", "shared"])
+def test_probed_probabilities_respect_rules(background: str) -> None:
+    """Through the kernels: forbidden probabilities are exactly 0 and every row sums to 1."""
+    torch.manual_seed(0)
+    plan = _plan(background)
+    spans = TextSpans.from_lengths(3, [2, 2])
+    rules = build_attention_rules(plan, region_token_masks(plan, 8, 8), spans, ON)
+    length = rules.labels.shape[0]
+    q, k = torch.randn(2, 1, 2, length, 8).unbind(0)
+    everything = torch.arange(length)
+    probe = attention_probabilities(q, k, everything, everything, labels=rules.labels, allowed=rules.allowed, chunk=5)
+    assert torch.allclose(probe.row_sums, torch.ones_like(probe.row_sums), atol=1e-5)
+    forbidden = ~rules.allowed[rules.labels[:, None], rules.labels[None, :]]
+    assert probe.probabilities[..., forbidden].abs().max() == 0
+    assert probe.probabilities[..., ~forbidden].min() > 0
+    region0_images = (rules.labels == I1).nonzero().flatten()
+    region1_prompt = (rules.labels == T2).nonzero().flatten()
+    cross = attention_probabilities(q, k, region0_images, region1_prompt, labels=rules.labels, allowed=rules.allowed)
+    assert cross.probabilities.abs().max() == 0
