@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from lora_loom.kernels import joint_attention as ja
 from lora_loom.kernels.joint_attention import (AttentionRulesError, attention_dense, attention_grouped,
                                                attention_with_rules, dense_mask, grouped_layout, resolve_allowed)
+from lora_loom.kernels.probes import attention_probabilities, text_to_image_maps
 
 G = 5
 
@@ -162,3 +163,33 @@ def test_length_mismatch_raises() -> None:
         attention_grouped(q, k, v, labels[:36], allowed)
     with pytest.raises(AttentionRulesError, match="q, k, v"):
         attention_grouped(q, k[:, :, :5], v, labels, allowed)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+@pytest.mark.parametrize("with_rules", [False, True])
+def test_probe_probabilities_equal_masked_softmax(chunk: int, with_rules: bool) -> None:
+    labels, allowed, q, k, _ = _case(12, "empty_row", torch.float32)
+    logits = q @ k.transpose(-1, -2) / 8 ** 0.5
+    if with_rules:
+        logits = logits.masked_fill(~dense_mask(labels, allowed), float("-inf"))
+    full = torch.softmax(logits, dim=-1)
+    rows, cols = torch.tensor([3, 0, 36, 20]), torch.tensor([5, 1, 1, 30, 2])
+    probe = attention_probabilities(q, k, rows, cols, chunk=chunk, labels=labels if with_rules else None,
+                                    allowed=allowed if with_rules else None)
+    torch.testing.assert_close(probe.probabilities, full[:, :, rows][..., cols], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(probe.row_sums, torch.ones(2, 3, 4), atol=1e-5, rtol=0)
+
+
+def test_text_to_image_maps_average_heads_and_keep_gradients() -> None:
+    labels, allowed, q, k, _ = _case(13, "all", torch.float32, length=4 + 12)
+    q.requires_grad_(True)
+    text, image = torch.arange(4), torch.arange(4, 16)
+    maps = text_to_image_maps(q, k, text, image, grid_h=3, grid_w=4, chunk=5)
+    assert maps.shape == (2, 4, 3, 4)
+    full = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+    expected = full[:, :, 4:, :4].mean(dim=1).transpose(1, 2).reshape(2, 4, 3, 4)
+    torch.testing.assert_close(maps, expected.detach(), atol=1e-6, rtol=1e-5)
+    maps.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with pytest.raises(AttentionRulesError, match="do not fill a 3x3 grid"):
+        text_to_image_maps(q, k, text, image, grid_h=3, grid_w=3)
