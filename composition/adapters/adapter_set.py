@@ -35,6 +35,7 @@ class AdapterSet:
     ``te_adapters``: ``clip_l:...`` / ``t5xxl:...`` -> adapters. ``leftovers``: file keys no converter consumed.
     ``widened_inputs``: module -> ``(out, in)`` for BFL control LoRAs whose ``img_in`` input is wider than the
     model's (the model weight must be zero-padded to that shape before the adapter applies).
+    ``source_keys``: canonical name -> the file keys it was read from (for error messages).
     """
 
     source: str
@@ -45,6 +46,7 @@ class AdapterSet:
     metadata: Mapping[str, str] = field(default_factory=dict)
     widened_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sha256: str | None = None
+    source_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -65,7 +67,8 @@ class AdapterSet:
             return {k: tuple(a.to(device=device, dtype=dtype) for a in v) for k, v in groups.items()}
         return AdapterSet(source=self.source, format=self.format, adapters=move(self.adapters),
                           te_adapters=move(self.te_adapters), leftovers=self.leftovers, metadata=self.metadata,
-                          widened_inputs=self.widened_inputs, sha256=self.sha256)
+                          widened_inputs=self.widened_inputs, sha256=self.sha256,
+                          source_keys=self.source_keys)
 
 
 def merged_delta(adapters: Iterable[Adapter], target_shape: tuple[int, ...],
