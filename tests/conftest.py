@@ -15,6 +15,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "lora_loom"
+# ComfyUI used by the bridge and e2e tiers: a user's own ($COMFYUI_PATH) or the one dev/bootstrap.sh installed.
+COMFYUI = Path(os.environ.get("COMFYUI_PATH") or REPO / ".loom" / "comfyui").resolve()
+
+# Shared test factories (lora_factory, comfy_models, ...) live in tests/ and are imported by name.
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
 
 
 def load_pack() -> object:

@@ -1,0 +1,46 @@
+"""``Loom LoRA Stack``: any number of LoRA rows merged into MODEL/CLIP, plus LOOM_ADAPTERS for composition."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..composition.comfy_bridge.stack import apply_stack
+from ..retrieval.comfy_bridge import resolve_lora
+from .types import LoomAdapters, LoraStack
+
+ROWS_HELP = ('JSON list of rows: {"lora": "file.safetensors", "on": true, "strength": 1.0, '
+             '"clip_strength": null, "blocks": "double3-5=0.5", "sha256": "..."}. The Loom web UI edits this '
+             'for you; "blocks" takes an Inspire-style preset, spec or 58-value vector.')
+
+
+class LoomLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoomLoraStack",
+            display_name="Loom LoRA Stack",
+            category="loom",
+            description="Load any number of Flux LoRAs of any format and merge them into the model (and CLIP). "
+                        "Also outputs the loaded adapters for Loom's composition nodes.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip", optional=True),
+                io.String.Input("rows", multiline=True, default="[]", tooltip=ROWS_HELP),
+                LoraStack.Input("lora_stack", optional=True,
+                                tooltip="LORA_STACK from rgthree / Easy-Use / LoRA Manager; applied first"),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL"),
+                io.Clip.Output(display_name="CLIP"),
+                LoomAdapters.Output(display_name="adapters"),
+                LoraStack.Output(display_name="lora_stack"),
+                io.String.Output(display_name="trigger_words"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, rows: str, clip=None, lora_stack=None) -> io.NodeOutput:
+        result = apply_stack(model, clip, rows, lora_stack, resolve=resolve_lora)
+        return io.NodeOutput(result.model, result.clip, result.entries, result.lora_stack, result.trigger_words)
+
+
+NODES = [LoomLoraStack]

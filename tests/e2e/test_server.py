@@ -1,0 +1,58 @@
+"""The pack inside a real ComfyUI server: registration, import log, the example workflow end to end."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from loomdev.workflow import ui_to_api
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_pack_nodes_appear_in_object_info(object_info):
+    ours = sorted(k for k in object_info if k.startswith("Loom"))
+    assert "LoomLoraStack" in ours
+    for node_id in ours:
+        assert object_info[node_id]["category"].startswith("loom"), node_id
+        assert object_info[node_id]["python_module"].startswith("custom_nodes.lora-loom"), node_id
+
+
+def test_server_log_shows_pack_imported_without_errors(comfy_server, object_info):
+    log = comfy_server.log_text()
+    line = next((l for l in log.splitlines() if "custom_nodes/lora-loom" in l and "seconds" in l), None)
+    assert line is not None, f"no import-time line for the pack in the log:\n{log[-3000:]}"
+    assert "IMPORT FAILED" not in line
+    assert not re.search(r"Cannot import .*lora-loom", log)
+    assert "lora-loom" not in "\n".join(l for l in log.splitlines() if "Traceback" in l or "Error" in l)
+
+
+def test_web_extension_is_served(comfy_server):
+    extensions = comfy_server.get_json("/extensions")
+    ours = [e for e in extensions if "/lora-loom/" in e]
+    assert ours, extensions
+    status, body = comfy_server.request(ours[0])
+    assert status == 200 and b"registerExtension" in body
+
+
+def test_every_example_workflow_runs_to_an_image(comfy_server, object_info):
+    examples = sorted((REPO / "example_workflows").glob("*.json"))
+    assert examples, "no example workflows"
+    for path in examples:
+        api = ui_to_api(json.loads(path.read_text()), object_info)
+        entry = comfy_server.wait(comfy_server.queue(api))
+        images = comfy_server.output_images(entry)
+        assert images, f"{path.name} produced no image"
+        with Image.open(images[0]) as img:
+            assert img.size[0] >= 64 and img.size[1] >= 64
+
+
+def test_run_command_once_produces_an_image(tmp_path):
+    """`make run ARGS=--once` in miniature: the main job through its own server, exiting after the image."""
+    proc = subprocess.run([sys.executable, "-m", "loomdev.run", "--once"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = re.findall(r"image written: (\S+\.png)", proc.stderr)
+    assert written and Path(written[0]).is_file(), proc.stderr[-2000:]
