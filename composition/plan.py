@@ -1,8 +1,7 @@
 """A regional composition plan (LoRA-Composer on Flux): regions, prompts, rule schedule, method options.
 
-Everything here is a frozen, JSON-serialisable description; nothing touches a model. The bridge turns a
-:class:`Plan` into token masks (:func:`region_token_masks`), text spans
-(:class:`TextSpans`) and attention rules (:mod:`lora_loom.composition.regional`).
+Frozen, JSON-serialisable descriptions; nothing touches a model. The bridge turns a :class:`Plan` into token
+masks (:func:`region_token_masks`), text spans (:class:`TextSpans`) and attention rules (``regional.py``).
 
 JSON form: ``plan.to_dict()`` gives plain dicts/lists/strings/numbers with ``"version": PLAN_VERSION``;
 ``Plan.from_dict(d)`` rebuilds an equal plan and raises :class:`PlanError` naming the offending field.
@@ -12,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +31,7 @@ class PlanError(ValueError):
 
 
 def _where(region_index: int | None, field_name: str) -> str:
+    """``plan.regions[i].<field>`` (or ``plan.<field>`` when the region index is unknown) for error messages."""
     return f"plan.regions[{region_index}].{field_name}" if region_index is not None else f"plan.{field_name}"
 
 
@@ -229,10 +229,9 @@ class Plan:
             raise PlanError(f"plan.options.base_ratio: {self.options.base_ratio} is outside [0, 1]")
         if not 0.0 < self.options.region_threshold <= 1.0:
             raise PlanError(f"plan.options.region_threshold: {self.options.region_threshold} is outside (0, 1]")
-        for i, region in enumerate(self.regions):
-            region.validate(i)
-        for i, rule in enumerate(self.rules):
-            rule.validate(i)
+        for items in (self.regions, self.rules):
+            for i, item in enumerate(items):
+                item.validate(i)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,9 +239,7 @@ class Plan:
         return {"version": PLAN_VERSION, "global_prompt": self.global_prompt,
                 "regions": [_region_to_dict(r) for r in self.regions], "background": self.background,
                 "rules": [_rule_to_dict(r) for r in self.rules],
-                "options": {"base_ratio": self.options.base_ratio, "latent_reinit": self.options.latent_reinit,
-                            "region_threshold": self.options.region_threshold,
-                            "refinement": dict(vars(self.options.refinement))}}
+                "options": asdict(self.options)}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "Plan":
@@ -257,7 +254,8 @@ class Plan:
         except TypeError as exc:
             raise PlanError(f"plan.options: {exc}") from exc
         regions = tuple(_region_from_dict(r, i) for i, r in enumerate(d.get("regions", [])))
-        rules = tuple(_rule_from_dict(r, i) for i, r in enumerate(d.get("rules", [])))
+        rules = default_rules() if d.get("rules") is None else \
+            tuple(_rule_from_dict(r, i) for i, r in enumerate(d["rules"]))
         return Plan(global_prompt=str(d.get("global_prompt", "")), regions=regions,
                     background=str(d.get("background", "global")), rules=rules, options=options).validate()
 
@@ -276,21 +274,17 @@ def _region_from_dict(d: Mapping[str, Any], index: int) -> Region:
         options = RegionOptions(**d.get("options", {}))
     except TypeError as exc:
         raise PlanError(f"{_where(index, 'adapters/options')}: {exc}") from exc
-    box = d.get("box")
-    mask = d.get("mask")
+    box, mask = d.get("box"), d.get("mask")
     return Region(prompt=str(d.get("prompt", "")), box=tuple(float(v) for v in box) if box is not None else None,
                   box_units=str(d.get("box_units", "normalised")), canvas_width=d.get("canvas_width"),
-                  canvas_height=d.get("canvas_height"),
-                  mask=RegionMask.from_dict(mask, index) if mask is not None else None,
+                  canvas_height=d.get("canvas_height"), mask=RegionMask.from_dict(mask, index) if mask else None,
                   adapters=adapters, options=options)
 
 
 def _rule_to_dict(rule: RuleSchedule) -> dict[str, Any]:
-    def blocks(b: frozenset[int] | None) -> list[int] | None:
-        return sorted(b) if b is not None else None
-    return {"rule": rule.rule, "double_blocks": blocks(rule.double_blocks),
-            "single_blocks": blocks(rule.single_blocks), "start_percent": rule.start_percent,
-            "end_percent": rule.end_percent}
+    return {"rule": rule.rule, "start_percent": rule.start_percent, "end_percent": rule.end_percent,
+            **{name: sorted(b) if (b := getattr(rule, name)) is not None else None
+               for name in ("double_blocks", "single_blocks")}}
 
 
 def _rule_from_dict(d: Mapping[str, Any], index: int) -> RuleSchedule:
@@ -312,10 +306,6 @@ class TokenSpan:
 
     start: int
     end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)
