@@ -167,3 +167,9 @@ def test_text_spans_from_lengths_and_errors() -> None:
         TextSpans(TokenSpan(0, 5), (TokenSpan(10, 14),), 12).validate()
     with pytest.raises(PlanError, match="region_spans\\[0\\]"):
         TextSpans.from_lengths(5, [0])
+
+
+def test_json_without_rules_gets_default_rules() -> None:
+    d = _full_plan().to_dict()
+    d.pop("rules")
+    assert Plan.from_dict(d).rules == Plan("g", ()).rules and len(Plan("g", ()).rules) == 3
