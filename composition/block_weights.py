@@ -26,7 +26,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class BlockWeights:
 
     @classmethod
     def uniform(cls, value: float = 1.0, double_blocks: int = FLUX_DOUBLE_BLOCKS,
-                single_blocks: int = FLUX_SINGLE_BLOCKS) -> "BlockWeights":
+                single_blocks: int = FLUX_SINGLE_BLOCKS) -> BlockWeights:
         """The same weight everywhere (``uniform(1.0)`` leaves an adapter untouched)."""
         return cls(float(value), (float(value),) * double_blocks, (float(value),) * single_blocks)
 
@@ -133,7 +133,7 @@ class BlockWeights:
                 f"{block_type}_blocks.{index} is outside these block weights ({len(values)} {block_type} blocks)")
         return values[index]
 
-    def truncated(self, double_blocks: int, single_blocks: int) -> "BlockWeights":
+    def truncated(self, double_blocks: int, single_blocks: int) -> BlockWeights:
         """Keep the first ``double_blocks`` / ``single_blocks`` values (for models with fewer blocks)."""
         if double_blocks > len(self.double) or single_blocks > len(self.single):
             raise BlockWeightsError(
@@ -150,7 +150,7 @@ class BlockWeights:
         return {"base": self.base, "double": list(self.double), "single": list(self.single)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BlockWeights":
+    def from_dict(cls, data: dict[str, Any]) -> BlockWeights:
         """Inverse of :meth:`to_dict`; names the missing field on error."""
         for field in ("base", "double", "single"):
             if field not in data:
@@ -175,7 +175,7 @@ def block_of_module(name: str) -> BlockRef:
     return BlockRef("other", 0)
 
 
-def _value(token: str, text: str, position: int, a_value: Optional[float], b_value: Optional[float]) -> float:
+def _value(token: str, text: str, position: int, a_value: float | None, b_value: float | None) -> float:
     """Read one vector/spec value: a number, or Inspire's A, a (A/2), B, b (B/2)."""
     letters = {"A": a_value, "a": None if a_value is None else a_value / 2,
                "B": b_value, "b": None if b_value is None else b_value / 2}
@@ -204,7 +204,7 @@ def _items(text: str, start: int) -> list[tuple[str, int]]:
 
 
 def parse_block_vector(text: str, double_blocks: int = FLUX_DOUBLE_BLOCKS, single_blocks: int = FLUX_SINGLE_BLOCKS,
-                       a_value: Optional[float] = None, b_value: Optional[float] = None) -> BlockWeights:
+                       a_value: float | None = None, b_value: float | None = None) -> BlockWeights:
     """Read a comma-separated vector (``NAME:`` prefix allowed) of 58 values or ``1 + doubles + singles``."""
     start = text.index(":") + 1 if ":" in text else 0
     values: list[float] = []
@@ -228,7 +228,7 @@ def parse_block_vector(text: str, double_blocks: int = FLUX_DOUBLE_BLOCKS, singl
 
 
 def parse_block_spec(text: str, double_blocks: int = FLUX_DOUBLE_BLOCKS, single_blocks: int = FLUX_SINGLE_BLOCKS,
-                     a_value: Optional[float] = None, b_value: Optional[float] = None) -> BlockWeights:
+                     a_value: float | None = None, b_value: float | None = None) -> BlockWeights:
     """Read Inspire's spec syntax (``%default=0,base=1,double3-5=0.5,single=1``); numbering is 1-based."""
     start = 1 if text.startswith("%") else 0
     counts = {"double": double_blocks, "single": single_blocks}
@@ -282,7 +282,7 @@ def preset_names() -> list[str]:
 
 
 def parse_block_weights(text: str, double_blocks: int = FLUX_DOUBLE_BLOCKS, single_blocks: int = FLUX_SINGLE_BLOCKS,
-                        a_value: Optional[float] = None, b_value: Optional[float] = None) -> BlockWeights:
+                        a_value: float | None = None, b_value: float | None = None) -> BlockWeights:
     """Read a preset name, a spec or a vector (see the module docstring); empty text means ALL."""
     stripped = text.strip()
     if not stripped:

@@ -24,8 +24,9 @@ import bisect
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ class GateSchedule:
     adapter: str
     keyframes: tuple[Keyframe, ...] = (Keyframe(0.0, 1.0),)
     interpolation: str = "hold"
-    blocks: Optional[BlockWeights] = None
+    blocks: BlockWeights | None = None
     _progresses: tuple[float, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,13 +84,13 @@ class GateSchedule:
         object.__setattr__(self, "_progresses", tuple(k.progress for k in self.keyframes))
 
     @classmethod
-    def constant(cls, adapter: str, value: float, blocks: Optional[BlockWeights] = None) -> "GateSchedule":
+    def constant(cls, adapter: str, value: float, blocks: BlockWeights | None = None) -> GateSchedule:
         """The same strength for the whole of sampling."""
         return cls(adapter, (Keyframe(0.0, float(value)),), "hold", blocks)
 
     @classmethod
     def window(cls, adapter: str, value: float, start: float = 0.0, end: float = 1.0,
-               blocks: Optional[BlockWeights] = None) -> "GateSchedule":
+               blocks: BlockWeights | None = None) -> GateSchedule:
         """``value`` from ``start`` (inclusive) to ``end`` (exclusive), 0 elsewhere (like Fluxtapoz's start/end)."""
         if not 0.0 <= start <= end <= 1.0:
             raise GateError(f"gate window for adapter {adapter!r} needs 0 <= start <= end <= 1, got {start}, {end}")
@@ -132,7 +133,7 @@ class GateSchedule:
                 "blocks": None if self.blocks is None else self.blocks.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GateSchedule":
+    def from_dict(cls, data: dict[str, Any]) -> GateSchedule:
         """Inverse of :meth:`to_dict`; names the missing field on error."""
         for name in ("adapter", "keyframes"):
             if name not in data:
@@ -151,7 +152,7 @@ class GateSchedule:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "GateSchedule":
+    def from_json(cls, text: str) -> GateSchedule:
         """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 

@@ -28,9 +28,9 @@ paper's exact hinge form could not be read here; this ranking form is our assump
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ GATE_PARAMETERS = ("weight_base", "weight_lora", "weight_cross", "weight_out", "
 CHECKPOINT_PREFIX = "model_dict."
 LAYER_NORM_EPS = 1e-5
 
-Deltas = Union[torch.Tensor, Sequence[torch.Tensor]]
+Deltas = torch.Tensor | Sequence[torch.Tensor]
 
 
 class LearnedGateError(ValueError):
@@ -128,19 +128,19 @@ class LearnedGates(torch.nn.Module):
     def __init__(self, gates: dict[str, LearnedGate]) -> None:
         super().__init__()
         self._names = sorted(gates)
+        self._by_name = {name: gates[name] for name in self._names}
         self.by_key = torch.nn.ModuleDict({name.replace(".", "___"): gates[name] for name in self._names})
 
     def module_names(self) -> list[str]:
         """The ComfyUI module names that have a gate."""
         return list(self._names)
 
-    def gate_for(self, module: str) -> Optional[LearnedGate]:
+    def gate_for(self, module: str) -> LearnedGate | None:
         """The gate of ``module`` or None when the checkpoint has none."""
-        key = module.removeprefix("diffusion_model.").replace(".", "___")
-        return self.by_key[key] if key in self.by_key else None
+        return self._by_name.get(module.removeprefix("diffusion_model."))
 
 
-def load_learned_gates(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LearnedGates:
+def load_learned_gates(path: str | Path, device: str | torch.device = "cpu") -> LearnedGates:
     """Read a DiffSynth LoRA-fusion checkpoint (layout in the module docstring) into :class:`LearnedGates`."""
     tensors = load_file(str(path), device=str(device))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -184,7 +184,7 @@ def flux_gate_channels(hidden_size: int, mlp_ratio: float = 4.0) -> dict[str, in
     return channels
 
 
-def write_synthetic_checkpoint(path: Union[str, Path], hidden_size: int = 8, double_blocks: int = 1,
+def write_synthetic_checkpoint(path: str | Path, hidden_size: int = 8, double_blocks: int = 1,
                                single_blocks: int = 1, mlp_ratio: float = 4.0, seed: int = 0,
                                prefix: str = CHECKPOINT_PREFIX) -> list[str]:
     """Write random gate parameters in DiffSynth's layout for a small Flux; returns the ComfyUI module names."""
@@ -214,7 +214,7 @@ Predict = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def gate_training_step(predict: Predict, optimizer: torch.optim.Optimizer, clean: torch.Tensor, noise: torch.Tensor,
-                       sigma: torch.Tensor, cond: torch.Tensor, mismatched_cond: Optional[torch.Tensor] = None,
+                       sigma: torch.Tensor, cond: torch.Tensor, mismatched_cond: torch.Tensor | None = None,
                        margin: float = 0.05, hinge_weight: float = 1.0) -> GateTrainingReport:
     """One optimiser step on the gates that ``predict(latent, sigma, cond) -> velocity`` closes over.
 

@@ -31,7 +31,6 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from .block_weights import BlockWeights, point_at
 from .gates import GateSchedule, Keyframe
@@ -86,17 +85,17 @@ class _Lora:
 
 @dataclass(frozen=True)
 class _Schedule:
-    options: tuple[tuple["_Node", ...], ...]
+    options: tuple[tuple[_Node, ...], ...]
     points: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class _Alternate:
-    options: tuple[tuple["_Node", ...], ...]
+    options: tuple[tuple[_Node, ...], ...]
     every: float
 
 
-_Node = Union[_Text, _Lora, _Schedule, _Alternate]
+_Node = _Text | _Lora | _Schedule | _Alternate
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class _Part:
 class _Parser:
     """Recursive descent over the prompt; positions are indices into ``prompt``."""
 
-    def __init__(self, prompt: str, num_steps: Optional[int]) -> None:
+    def __init__(self, prompt: str, num_steps: int | None) -> None:
         self.prompt = prompt
         self.num_steps = num_steps
         self.index = 0
@@ -296,7 +295,7 @@ def _evaluate(nodes: tuple[_Node, ...] | list[_Node], progress: float, text: lis
         elif isinstance(node, _Schedule):
             _evaluate(node.options[bisect.bisect_right(node.points, progress)], progress, text, loras)
         else:
-            chosen = int(math.floor(progress / node.every + 1e-9)) % len(node.options)
+            chosen = math.floor(progress / node.every + 1e-9) % len(node.options)
             _evaluate(node.options[chosen], progress, text, loras)
 
 
@@ -323,7 +322,7 @@ class PromptSchedule:
         starts = [segment.start for segment in self.segments]
         return self.segments[max(bisect.bisect_right(starts, progress) - 1, 0)].text
 
-    def gate_schedules(self, blocks: Optional[BlockWeights] = None) -> list[GateSchedule]:
+    def gate_schedules(self, blocks: BlockWeights | None = None) -> list[GateSchedule]:
         """One hold-interpolated gate per LoRA (model strengths), in :meth:`adapters` order."""
         schedules = []
         for name in self.adapters():
@@ -336,7 +335,7 @@ class PromptSchedule:
         return schedules
 
 
-def parse_prompt_schedule(prompt: str, num_steps: Optional[int] = None) -> PromptSchedule:
+def parse_prompt_schedule(prompt: str, num_steps: int | None = None) -> PromptSchedule:
     """Parse ``prompt`` (syntax in the module docstring) into a :class:`PromptSchedule`."""
     parser = _Parser(prompt, num_steps)
     nodes = parser.sequence("")

@@ -4,10 +4,19 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from lora_loom.composition.block_weights import (FLUX_VECTOR_LENGTH, INSPIRE_PRESETS, PRESETS, BlockRef, BlockWeights,
-                                                 BlockWeightsError, block_of_module, parse_block_spec,
-                                                 parse_block_vector, parse_block_weights, preset_names)
+from lora_loom.composition.block_weights import (
+    FLUX_VECTOR_LENGTH,
+    INSPIRE_PRESETS,
+    PRESETS,
+    BlockRef,
+    BlockWeights,
+    BlockWeightsError,
+    block_of_module,
+    parse_block_spec,
+    parse_block_vector,
+    parse_block_weights,
+    preset_names,
+)
 
 # Inspire-Pack's resources/lbw-preset.txt vectors (58 values), as users paste them.
 INSPIRE_SINGLE_1TO10 = "1," + "0," * 19 + "1," * 10 + ",".join(["0"] * 28)

@@ -6,11 +6,21 @@ import math
 
 import pytest
 import torch
-
 from lora_loom.composition.block_weights import parse_block_weights
-from lora_loom.composition.gates import (GateError, GateSchedule, Keyframe, LoRAComposite, LoRASwitch,
-                                         composite_average, flow_sigma_to_percent, flux_percent_to_sigma,
-                                         flux_sigma_to_percent, gate_values, sigma_to_percent, step_of_sigma)
+from lora_loom.composition.gates import (
+    GateError,
+    GateSchedule,
+    Keyframe,
+    LoRAComposite,
+    LoRASwitch,
+    composite_average,
+    flow_sigma_to_percent,
+    flux_percent_to_sigma,
+    flux_sigma_to_percent,
+    gate_values,
+    sigma_to_percent,
+    step_of_sigma,
+)
 
 
 def comfy_flux_percent_to_sigma(shift: float):

@@ -5,11 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_loom.composition.learned_gate import (
+    LearnedGate,
+    LearnedGateError,
+    comfy_module_for_diffsynth,
+    diffsynth_layer_for_comfy,
+    flux_gate_channels,
+    gate_training_step,
+    load_learned_gates,
+    write_synthetic_checkpoint,
+)
 from safetensors.torch import save_file
-
-from lora_loom.composition.learned_gate import (LearnedGate, LearnedGateError, comfy_module_for_diffsynth,
-                                                diffsynth_layer_for_comfy, flux_gate_channels, gate_training_step,
-                                                load_learned_gates, write_synthetic_checkpoint)
 
 
 def direct_gate(base: torch.Tensor, deltas: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

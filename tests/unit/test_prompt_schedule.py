@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import pytest
-
 from lora_loom.composition.block_weights import parse_block_weights
 from lora_loom.composition.gates import GateSchedule, Keyframe
-from lora_loom.composition.prompt_schedule import LoraTag, PromptSyntaxError, parse_prompt_schedule
+from lora_loom.composition.prompt_schedule import (
+    LoraTag,
+    PromptSyntaxError,
+    parse_prompt_schedule,
+)
 
 
 @pytest.mark.parametrize("prompt,segments", [
