@@ -144,9 +144,10 @@ def infer_geometry(converted: Converted) -> Geometry:
                 rows, cols = _rows_and_cols(p.tensors)
             except KeyError:
                 continue
-            if p.placement.slot in ("q", "k", "v", "lq", "lk", "lv", "lmlp", "lqkv") or name.endswith(
-                    ("img_attn.proj", "linear1", "img_attn.qkv")):
+            if cols and (p.placement.slot is not None or name.endswith(("attn.proj", "linear1", "attn.qkv"))):
                 hidden = hidden or cols
+            elif not cols and p.placement.slot in ("q", "k", "v", "lq", "lk", "lv"):
+                hidden = hidden or rows
             if p.placement.slot == "lmlp":
                 mlp = rows
             elif name.endswith("linear1") and p.placement.slot is None and cols:
@@ -160,7 +161,7 @@ def _offset(placement: Placement, rows: int, cols: int, geometry: Geometry, what
     slot = placement.slot
     if slot is None:
         return None, rows
-    hidden = cols or geometry.hidden
+    hidden = cols or geometry.hidden or (rows if slot in ("q", "k", "v", "lq", "lk", "lv") else None)
     if hidden is None:
         raise ValueError(f"{what}: cannot place slot {slot!r} without knowing the hidden size")
     mlp = geometry.mlp_hidden or 4 * hidden

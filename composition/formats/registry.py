@@ -1,7 +1,7 @@
 """Ordered registry of converters (first match wins per key) and the state-dict -> AdapterSet entry point.
 
 Order matters where spellings overlap: XLabs and DiffSynth (``single_blocks.N.`` with their own module names)
-before the bare ComfyUI names of BFL control LoRAs; the prefixed formats after. Every converter that detects
+before the bare ComfyUI names of BFL control LoRAs; OneTrainer before kohya (both use ``lora_teN_``). Every converter that detects
 its keys among those still unconsumed runs, so a file mixing, say, kohya UNet keys and ComfyUI text-encoder
 keys is read whole; its ``format`` is then ``"kohya+comfyui"``.
 """
@@ -22,7 +22,7 @@ from .parts import Converted, build_adapters, infer_geometry, merge_converted
 
 logger = logging.getLogger(__name__)
 
-FORMATS: tuple[ModuleType, ...] = (xlabs, diffsynth, bfl, comfy, kohya, onetrainer, lycoris, diffusers)
+FORMATS: tuple[ModuleType, ...] = (xlabs, diffsynth, bfl, comfy, onetrainer, kohya, lycoris, diffusers)
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], file_name: str) -> tuple[Converted, list[str], list[str]]:

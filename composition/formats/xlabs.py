@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "xlabs"
 _DOUBLE = re.compile(r"^(?:diffusion_model\.)?double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])$")
-_SINGLE = re.compile(r"^(?:diffusion_model\.)?single_blocks\.(\d+)\.processor\.(qkv|proj)_lora$")
+# "qkv_lora.down.weight" splits as prefix "...processor.qkv" + spelling "_lora.down.weight".
+_SINGLE = re.compile(r"^(?:diffusion_model\.)?single_blocks\.(\d+)\.processor\.(qkv|proj)(?:_lora)?$")
 
 
 def detect(keys: Iterable[str]) -> bool:
