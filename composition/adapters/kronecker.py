@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .full import WeightDiff
 from .hadamard import _core
 from .lowrank import LoRA
 
@@ -120,8 +121,9 @@ class LoKr:
         fit = fit_low_rank(self.delta_weight(), rank)
         return LoRA(up=fit.up, down=fit.down, target_shape=self.target_shape, offset=self.offset), fit.relative_error
 
-    def swap_output_halves(self) -> "LoKr":
-        """Output rows ``[a; b] -> [b; a]``: swaps the halves of ``W1`` (``a1`` even) or of ``W2`` (``a1 == 1``)."""
+    def swap_output_halves(self) -> "LoKr | WeightDiff":
+        """Output rows ``[a; b] -> [b; a]``: swaps the halves of ``W1`` (``a1`` even) or of ``W2`` (``a1 == 1``);
+        otherwise the permuted delta is no Kronecker product and an exact dense WeightDiff is returned."""
         (a1, _), (b1, _) = self.factor_shapes
         if a1 % 2 == 0:
             if self.w1 is not None:
@@ -133,7 +135,9 @@ class LoKr:
             if self.t2 is not None:
                 return replace(self, w2_a=swap_row_halves(self.w2_a.T).T)
             return replace(self, w2_a=swap_row_halves(self.w2_a))
-        raise ValueError(f"LoKr with W1 rows {a1} and W2 rows {b1}: half swap is not a Kronecker product")
+        logger.info("LoKr with W1 rows %d, W2 rows %d: row-half swap kept as a dense delta", a1, b1)
+        return WeightDiff(delta=swap_row_halves(self.delta_weight()), target_shape=self.target_shape,
+                          offset=self.offset)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LoKr":
         """Copy with every factor moved/cast."""
