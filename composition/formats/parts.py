@@ -109,7 +109,9 @@ class Geometry:
 
 def _rows_and_cols(t: dict[str, torch.Tensor]) -> tuple[int, int]:
     """``(rows written, in)`` of a part set, from whichever factors it has."""
-    if "up" in t and "down" in t:
+    if "up" in t or "down" in t:
+        if "up" not in t or "down" not in t:
+            raise ValueError("LoRA has only one of up/down")
         return int(t["up"].shape[0]), int(t["down"].shape[-1])
     if "hada_w1_a" in t:
         rows = t["hada_w1_a"].shape[1] if "hada_t1" in t else t["hada_w1_a"].shape[0]
@@ -142,7 +144,7 @@ def infer_geometry(converted: Converted) -> Geometry:
         for p in parts:
             try:
                 rows, cols = _rows_and_cols(p.tensors)
-            except KeyError:
+            except (KeyError, ValueError):
                 continue
             if cols and (p.placement.slot is not None or name.endswith(("attn.proj", "linear1", "attn.qkv"))):
                 hidden = hidden or cols
