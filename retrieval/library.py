@@ -25,11 +25,13 @@ from .search import (Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fu
                      text_ranking)
 from .store import ConnectionPool, VectorMatrix, generation, load_vectors, store_vectors, write_transaction
 from .text_encoders import TextEncoder, adapter_caption
+from .weight_encoder import WeightEncoder
+from .weight_vectors import SIGNATURE_KIND, WEIGHT_KIND, SignatureSpace, refresh_weight_vectors
 
 logger = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{10,64}$")
-SIGNATURE_KIND, TEXT_KIND, WEIGHT_KIND = "signature", "text", "weight"
+TEXT_KIND = "text"
 
 
 @dataclass(frozen=True)
@@ -92,22 +94,28 @@ class Library:
     """An adapter library over ``roots`` indexed in the SQLite file ``db_path``.
 
     ``text_encoder`` enables semantic search (caption vectors computed at scan time); ``weight_signatures``
-    computes training-free weight signatures (reads factor tensors, so off by default) for ``like=`` search;
+    (``True`` for Flux.1, or a :class:`SignatureSpace`) computes training-free weight signatures (reads
+    factor tensors, so off by default) for ``like=`` search;
     ``weight_encoder`` (a trained AutoLoRA encoder whose output space is ``text_encoder``'s) enables
     prompt → weight retrieval. ``hash_files=False`` defers SHA-256 until :meth:`resolve` needs it.
     """
 
     def __init__(self, db_path: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]], *,
-                 text_encoder: TextEncoder | None = None, weight_signatures: bool = False,
-                 weight_encoder: object | None = None, hash_files: bool = True) -> None:
+                 text_encoder: TextEncoder | None = None, weight_signatures: bool | SignatureSpace = False,
+                 weight_encoder: WeightEncoder | None = None, hash_files: bool = True) -> None:
         self.db_path = os.path.abspath(os.path.expanduser(os.fspath(db_path)))
         self.roots = tuple(dict.fromkeys(os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots))
         if not self.roots:
             raise ValueError("Library needs at least one root folder")
         self.real_roots = tuple(os.path.realpath(r) for r in self.roots)
         self.text_encoder = text_encoder
-        self.weight_signatures = weight_signatures
+        self.signatures = (SignatureSpace() if weight_signatures is True else weight_signatures or None)
         self.weight_encoder = weight_encoder
+        if weight_encoder is not None and (text_encoder is None
+                                           or weight_encoder.config.text_encoder != text_encoder.name):
+            raise ValueError(f"weight_encoder maps into text space {weight_encoder.config.text_encoder!r} but the "
+                             f"library's text encoder is {getattr(text_encoder, 'name', None)!r}; pass the "
+                             "text encoder it was trained against")
         self.hash_files = hash_files
         self._pool = ConnectionPool(self.db_path)
         self._cache: dict[tuple[str, str], tuple[int, VectorMatrix]] = {}
@@ -122,9 +130,8 @@ class Library:
         report = scan_roots(conn, self.roots, progress, self.hash_files)
         if self.text_encoder is not None:
             self._refresh_text_vectors()
-        if self.weight_signatures or self.weight_encoder is not None:
-            from .weight_vectors import refresh_weight_vectors  # noqa: PLC0415 - torch-heavy, only when asked
-            refresh_weight_vectors(conn, self.roots, self.real_roots, signatures=self.weight_signatures,
+        if self.signatures is not None or self.weight_encoder is not None:
+            refresh_weight_vectors(conn, self.roots, self.real_roots, signatures=self.signatures,
                                    encoder=self.weight_encoder)
         return report
 
@@ -200,12 +207,12 @@ class Library:
         return hits_from_rows(conn, fused, terms)
 
     def _like_ranking(self, like: str, allowed: np.ndarray | None, depth: int) -> list[tuple[int, float]]:
-        from .weight_vectors import signature_model_name  # noqa: PLC0415
-
         row = self._row(like)
         if row is None:
             raise KeyError(f"like={like!r}: no such adapter in the library")
-        matrix = self._matrix(SIGNATURE_KIND, signature_model_name())
+        if self.signatures is None:
+            raise ValueError("like= search needs a library built with weight_signatures=True")
+        matrix = self._matrix(SIGNATURE_KIND, self.signatures.model)
         where = np.flatnonzero(matrix.ids == row["id"])
         if where.size == 0:
             raise KeyError(f"like={like!r}: the adapter has no weight signature (scan with weight_signatures=True)")
