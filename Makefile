@@ -15,4 +15,4 @@ run:
 
 test:
 	bash dev/bootstrap.sh --browser
-	$(PY) -m pytest $(ARGS)
+	.loom/venv/bin/pytest $(ARGS)

@@ -18,6 +18,10 @@ PACK_NAME = "lora_loom"
 # ComfyUI used by the bridge and e2e tiers: a user's own ($COMFYUI_PATH) or the one dev/bootstrap.sh installed.
 COMFYUI = Path(os.environ.get("COMFYUI_PATH") or REPO / ".loom" / "comfyui").resolve()
 
+# `python -m pytest` puts the working directory (the repo root) on sys.path, where our nodes/ would shadow
+# ComfyUI's top-level `nodes`. Remove it: the pack is only ever reached as `lora_loom`.
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != REPO]
+
 # Shared test factories (lora_factory, comfy_models, ...) live in tests/ and are imported by name.
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))

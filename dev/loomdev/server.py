@@ -69,7 +69,8 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> "ComfyServer":
         comfy = comfyui_path()
         cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.workspace), "--disable-auto-launch", *self.extra_args]
+               "--base-directory", str(self.workspace), "--disable-auto-launch",
+               "--database-url", f"sqlite:///{self.workspace / 'user' / 'comfyui.db'}", *self.extra_args]
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("PYTHONPATH", None)  # the server sees only ComfyUI and its custom_nodes, as for a user

@@ -55,4 +55,4 @@ def test_comfy_cli_validates_the_pack():
     proc = subprocess.run([comfy, "--skip-prompt", "node", "validate"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "passed" in proc.stdout
+    assert "validation checks passed" in proc.stdout + proc.stderr
