@@ -141,7 +141,7 @@ class Library:
         assert encoder is not None
         marks = ",".join("?" * len(self.roots))
         rows = conn.execute(
-            f"SELECT a.id, a.name, a.title, a.trigger_words, a.tags, a.tag_frequency, a.description, "
+            f"SELECT a.id, a.name, a.title, a.trigger_words, a.tags, a.tag_frequency, a.description || ' ' || a.notes, "
             f"v.source_key FROM adapters a LEFT JOIN vectors v ON v.adapter_id = a.id AND v.kind = ? "
             f"AND v.model = ? WHERE a.status = 'ok' AND a.root IN ({marks})",
             (TEXT_KIND, encoder.name, *self.roots)).fetchall()
