@@ -80,6 +80,7 @@ export function attachStackEditor(node) {
   }
 
   node.addDOMWidget("rows_editor", "loom_stack", root, { serialize: false, hideOnZoom: false });
+  if (node.size && node.size[0] < 440) node.setSize?.([440, node.size[1]]);
   node.loomStack = { read, write, render };
   render();
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from loomdev.server import ComfyServer, prepare_workspace
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+sys.path.insert(0, str(Path(__file__).parent))  # browser.py
 
 
 @pytest.fixture(scope="session")
