@@ -276,7 +276,7 @@ class Library:
                 conn.execute("UPDATE adapters SET sha256 = ? WHERE id = ?", (digest, row["id"]))
         return digest
 
-    def resolve(self, name: str, sha256: str | None = None) -> Path | None:
+    def resolve(self, name: str | None, sha256: str | None = None) -> Path | None:
         """The file a workflow means by ``name`` (root-relative) and ``sha256``; ``None`` rather than a guess.
 
         With a hash (64 hex, or a unique prefix of at least 10 hex such as civitai's AutoV2), only a file with

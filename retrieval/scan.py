@@ -125,7 +125,10 @@ def walk_roots(roots: Sequence[str]) -> tuple[list[FileCandidate], list[ScanErro
                 if Path(entry.name).suffix.lower() not in ADAPTER_SUFFIXES or not entry.is_file():
                     continue
                 relpath = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                st = entry.stat(follow_symlinks=not escaped)
+                try:
+                    st = entry.stat(follow_symlinks=not escaped)
+                except FileNotFoundError:  # deleted while we were listing: it simply is not there
+                    continue
                 sidecars = find_sidecars(entry.name, names)
                 found.append(FileCandidate(
                     path=entry.path, root=root, relpath=relpath, folder=relpath.rpartition("/")[0],

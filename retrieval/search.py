@@ -139,7 +139,8 @@ def cosine_ranking(ids: np.ndarray, matrix: np.ndarray, query: np.ndarray, allow
     """Brute-force cosine of ``query`` [D] against unit rows ``matrix`` [N, D]; ``(id, cosine)`` best first."""
     if ids.size == 0 or matrix.shape[1] != query.shape[0]:
         return []
-    scores = matrix @ query.astype(np.float32)
+    # einsum's own loop, not BLAS: a threaded gemv waits on worker wake-ups (ms of jitter on a busy machine)
+    scores = np.einsum("nd,d->n", matrix, query.astype(np.float32, copy=False))
     keep = np.ones(ids.shape[0], dtype=bool) if allowed is None else np.isin(ids, allowed)
     if exclude is not None:
         keep &= ids != exclude

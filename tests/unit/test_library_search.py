@@ -131,3 +131,13 @@ def test_caption_carries_every_field() -> None:
     caption = adapter_caption({"name": "ink", "title": "Ink Wash", "trigger_words": ["inkw"], "tags": ["style"],
                                "tag_frequency": {"brush": 3}, "description": "soft"})
     assert caption == "ink. Ink Wash. trigger words: inkw. tags: style. dataset tags: brush. soft"
+
+
+def test_benchmark_runs_on_a_small_library(tmp_path: Path) -> None:
+    from lora_loom.retrieval.bench import format_table, run_benchmark
+
+    rows = run_benchmark(count=60, folder=tmp_path / "bench", queries=10)
+    by_metric = {row.metric: row for row in rows}
+    assert by_metric["headers read by rescan"].value == 0
+    assert by_metric["files"].value == 60 and len(list((tmp_path / "bench").rglob("*.safetensors"))) == 60
+    assert all(row.value >= 0 for row in rows) and "search p95, hybrid" in format_table(rows)
