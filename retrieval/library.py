@@ -124,8 +124,9 @@ class Library:
 
     # ----------------------------------------------------------------------------------------------- scan
     def scan(self, progress: ProgressCallback | None = None) -> ScanReport:
-        """Index new/changed files, drop vanished ones, then fill missing vectors. ``progress(done, total,
-        relpath)`` is called after each file (once for all unchanged files)."""
+        """Index new/changed files, drop vanished ones (and rows of roots not configured here), then fill
+        missing vectors. ``progress(done, total, relpath)`` is called after each file (once for all unchanged
+        files)."""
         conn = self._pool.get()
         report = scan_roots(conn, self.roots, progress, self.hash_files)
         if self.text_encoder is not None:
