@@ -74,6 +74,28 @@ class ComposeOptions:
                      for n in names)
 
 
+def parse_rule_blocks(text: str) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """Blocks where the attention rules apply: ``""``/``"all"`` -> every block; otherwise items like
+    ``d0-18 s0-9 s12`` (or ``double0-18, single3``), 0-based inclusive, as ComfyUI's ``block_index``. A block
+    type not named gets no rules. Returns ``(double_blocks, single_blocks)``."""
+    cleaned = text.strip().lower()
+    if cleaned in ("", "all"):
+        return None, None
+    chosen: dict[str, set[int]] = {"d": set(), "s": set()}
+    for item in cleaned.replace(",", " ").replace(";", " ").split():
+        kind = "d" if item.startswith("d") else "s" if item.startswith("s") else None
+        numbers = item.lstrip("doublesingle")
+        try:
+            low, _, high = numbers.partition("-")
+            first, last = int(low), int(high or low)
+        except ValueError as exc:
+            raise PlanError(f"rule blocks {text!r}: cannot read {item!r} (write e.g. 'd0-18 s0-37')") from exc
+        if kind is None or first < 0 or last < first:
+            raise PlanError(f"rule blocks {text!r}: bad item {item!r} (write e.g. 'd0-18 s0-37')")
+        chosen[kind].update(range(first, last + 1))
+    return frozenset(chosen["d"]), frozenset(chosen["s"])
+
+
 @dataclass(frozen=True)
 class EncodedPrompts:
     """context ``[1, T, C]`` = global prompt then each region prompt; ``extra``: the global prompt's pooled
@@ -340,4 +362,4 @@ def compose(model: Any, clip: Any, global_prompt: str, regions: list[ComposedReg
 
 __all__ = ["AdapterSlot", "CallLayout", "CallState", "ComposeOptions", "ComposeResult", "ComposedRegion",
            "EncodedPrompts", "RegionalComposition", "WRAPPER_KEY", "build_plan", "compose", "encode_prompts",
-           "install"]
+           "install", "parse_rule_blocks"]

@@ -1,0 +1,131 @@
+"""Regional composition nodes: ``Loom Region``, ``Loom Regions``, ``Loom Compose``, ``Loom Region Preview``."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..composition.comfy_bridge.region_preview import combine_regions, make_region, preview_image
+from ..composition.comfy_bridge.regional import ComposeOptions, compose, parse_rule_blocks
+from ..composition.plan import BACKGROUND_MODES
+from .types import LoomAdapters
+
+LoomRegions = io.Custom("LOOM_REGIONS")  # tuple[ComposedRegion, ...]
+COMBINE_INPUTS = 6
+
+
+def _box_input(name: str, default: float) -> io.Float.Input:
+    return io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01,
+                          tooltip="box edge as a fraction of the canvas (0 = left/top, 1 = right/bottom)")
+
+
+class LoomRegion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoomRegion",
+            display_name="Loom Region",
+            category="loom/regions",
+            description="One region of a regional composition: a box (or a mask), its own prompt and the LoRAs "
+                        "that paint it. Chain regions through 'regions'.",
+            inputs=[
+                io.String.Input("prompt", multiline=True, default=""),
+                _box_input("x0", 0.25), _box_input("y0", 0.25), _box_input("x1", 0.75), _box_input("y1", 0.75),
+                io.Boolean.Input("isolate", default=True,
+                                 tooltip="keep other regions' image tokens out of this one (concept isolation)"),
+                LoomAdapters.Input("adapters", optional=True,
+                                   tooltip="from Loom LoRA Stack: the LoRAs applied inside this region only"),
+                io.Mask.Input("mask", optional=True, tooltip="overrides the box"),
+                LoomRegions.Input("regions", optional=True, tooltip="earlier regions; this one is appended"),
+            ],
+            outputs=[LoomRegions.Output(display_name="regions")],
+        )
+
+    @classmethod
+    def execute(cls, prompt: str, x0: float, y0: float, x1: float, y1: float, isolate: bool = True,
+                adapters=None, mask=None, regions=None) -> io.NodeOutput:
+        return io.NodeOutput(make_region(prompt, (x0, y0, x1, y1), mask, tuple(adapters or ()), isolate, regions))
+
+
+class LoomRegionsCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoomRegions",
+            display_name="Loom Regions",
+            category="loom/regions",
+            description="Combine region lists in order (chain several of these for more).",
+            inputs=[LoomRegions.Input(f"regions_{i}", optional=i > 1) for i in range(1, COMBINE_INPUTS + 1)],
+            outputs=[LoomRegions.Output(display_name="regions")],
+        )
+
+    @classmethod
+    def execute(cls, **groups) -> io.NodeOutput:
+        return io.NodeOutput(combine_regions(*(groups.get(f"regions_{i}") for i in range(1, COMBINE_INPUTS + 1))))
+
+
+class LoomCompose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoomCompose",
+            display_name="Loom Compose",
+            category="loom/regions",
+            description="Regional composition (LoRA-Composer on Flux) in one pass per step: each region's LoRAs "
+                        "act on its own tokens, attention keeps regions to their prompts. Feed the model "
+                        "WITHOUT those LoRAs merged; use MODEL and CONDITIONING with any sampler.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("global_prompt", multiline=True, default=""),
+                LoomRegions.Input("regions"),
+                io.Combo.Input("background", options=list(BACKGROUND_MODES), default="global",
+                               tooltip="global: background sees every region; isolated: background only sees "
+                                       "background; shared: background also reads every region prompt"),
+                io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="blend of unmasked base attention while rules apply (Regional-Prompting-FLUX)"),
+                io.Boolean.Input("injection", default=True, tooltip="region prompts reach only their region"),
+                io.Boolean.Input("isolation", default=True, tooltip="regions' image tokens do not see each other"),
+                io.String.Input("rule_blocks", default="all",
+                                tooltip="blocks where the rules apply: 'all' or e.g. 'd0-18 s0-19' (0-based)"),
+                io.Float.Input("rules_end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="the rules apply from the start to this fraction of sampling"),
+                io.Boolean.Input("latent_reinit", default=True,
+                                 tooltip="LoRA-Composer: move each concept's best noise window into its box"),
+                io.Boolean.Input("refinement", default=False,
+                                 tooltip="LoRA-Composer test-time latent refinement (slow)"),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="CONDITIONING")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, global_prompt: str, regions, background: str = "global", base_ratio: float = 0.2,
+                injection: bool = True, isolation: bool = True, rule_blocks: str = "all",
+                rules_end_percent: float = 0.4, latent_reinit: bool = True,
+                refinement: bool = False) -> io.NodeOutput:
+        double_blocks, single_blocks = parse_rule_blocks(rule_blocks)
+        options = ComposeOptions(background=background, base_ratio=base_ratio, injection=injection,
+                                 isolation=isolation, double_blocks=double_blocks, single_blocks=single_blocks,
+                                 end_percent=rules_end_percent, latent_reinit=latent_reinit, refinement=refinement)
+        result = compose(model, clip, global_prompt, list(regions), options)
+        return io.NodeOutput(result.model, result.conditioning)
+
+
+class LoomRegionPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoomRegionPreview",
+            display_name="Loom Region Preview",
+            category="loom/regions",
+            description="An image of the regions on the canvas: boxes or masks, prompts and LoRA names.",
+            inputs=[LoomRegions.Input("regions"),
+                    io.Int.Input("width", default=1024, min=16, max=8192, step=8),
+                    io.Int.Input("height", default=1024, min=16, max=8192, step=8)],
+            outputs=[io.Image.Output(display_name="IMAGE")],
+        )
+
+    @classmethod
+    def execute(cls, regions, width: int, height: int) -> io.NodeOutput:
+        return io.NodeOutput(preview_image(list(regions), width, height))
+
+
+NODES = [LoomRegion, LoomRegionsCombine, LoomCompose, LoomRegionPreview]
