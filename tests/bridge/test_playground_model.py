@@ -1,0 +1,118 @@
+"""The committed playground model in real ComfyUI objects: it loads as MODEL + CLIP, ComfyUI's sampler draws what
+the prompt asks (scored by the exact detector), the trainer's sampler agrees with ComfyUI's, and the concept
+LoRAs load through ComfyUI's own LoRA loader with every key used."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import comfy.lora
+import comfy.model_patcher
+import comfy.sample
+import comfy.sd
+
+from lora_loom.nodes import playground as playground_nodes
+from lora_loom.playground import detector, latent, text, train, world
+from lora_loom.playground.model import LORA_DIR, MODEL_FILE, PlaygroundLatentFormat, load_playground, lora_path
+
+HALF = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
+PROMPTS = [("red", "circle", "left"), ("blue", "square", "right"), ("green", "triangle", "left"),
+           ("yellow", "circle", "right"), ("blue", "triangle", "right"), ("red", "square", "left")]
+
+
+@pytest.fixture(scope="module")
+def playground():
+    return load_playground()
+
+
+def comfy_images(patcher, clip, prompts: list[str], seed: int, steps: int = 12) -> np.ndarray:
+    """KSampler (euler / simple, cfg 1) for each prompt, decoded: ``[N, 64, 64, 3]``."""
+    images = []
+    for prompt in prompts:
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        empty = latent.empty(1, 64, 64)
+        noise = comfy.sample.prepare_noise(empty, seed)
+        samples = comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", positive, positive, empty,
+                                      seed=seed, disable_pbar=True)
+        images.append(latent.decode(samples)[0].numpy())
+    return np.stack(images)
+
+
+def test_loads_as_real_comfy_model_and_clip(playground):
+    assert MODEL_FILE.stat().st_size < 8_000_000
+    assert isinstance(playground.patcher, comfy.model_patcher.ModelPatcher)
+    assert isinstance(playground.clip, comfy.sd.CLIP)
+    latent_format = playground.patcher.get_model_object("latent_format")
+    assert isinstance(latent_format, PlaygroundLatentFormat) and latent_format.latent_channels == 48
+    conditioning = playground.clip.encode_from_tokens_scheduled(playground.clip.tokenize("a red circle"))
+    cond, extras = conditioning[0]
+    assert cond.shape == (1, text.TEXT_LENGTH, text.TEXT_WIDTH)
+    assert extras["pooled_output"].shape == (1, text.TEXT_WIDTH)
+
+
+def test_comfy_sampler_draws_the_prompted_object_in_the_prompted_half(playground):
+    prompts = [f"a {colour} {shape} on the {side}" for colour, shape, side in PROMPTS]
+    images = comfy_images(playground.patcher, playground.clip, prompts, seed=5)
+    colour_hits = shape_hits = 0
+    for image, (colour, shape, side) in zip(images, PROMPTS):
+        found = detector.detect(image, HALF[side])
+        colour_hits += found.matches(colour=colour)
+        shape_hits += found.matches(shape=shape, colour=colour)
+    # chance: colour 1/4, colour and shape 1/12 (and only if an object lands in the right half at all)
+    assert colour_hits >= 4, colour_hits
+    assert shape_hits >= 3, shape_hits
+
+
+def test_trainer_sampler_matches_comfy_ksampler(playground):
+    prompt = "a green square on the right"
+    ours = train.sample(playground.patcher.model.diffusion_model, playground.clip.cond_stage_model.encoder,
+                        [prompt], steps=6, seed=11)
+    theirs = comfy_images(playground.patcher, playground.clip, [prompt], seed=11, steps=6)
+    assert np.abs(ours.numpy() - theirs).max() < 1e-3
+
+
+@pytest.mark.parametrize("concept", world.CONCEPTS, ids=lambda c: c.name)
+def test_concept_lora_is_kohya_and_loads_every_key_through_comfy(playground, concept):
+    path = lora_path(concept.name)
+    assert path.parent == LORA_DIR and path.stat().st_size < 1_000_000
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["modelspec.trigger_phrase"] == concept.trigger
+    assert header["modelspec.architecture"] == "flux-1-dev/lora"
+    assert header["ss_output_name"] == f"playground_{concept.name}"
+    assert concept.trigger in json.loads(header["ss_tag_frequency"])[f"1_{concept.name}"]
+    state = load_file(str(path))
+    assert all(k.startswith("lora_unet_") for k in state)
+    key_map = comfy.lora.model_lora_keys_unet(playground.patcher.model, {})
+    loaded = comfy.lora.load_lora(state, key_map)
+    modules = {k.rsplit(".", 2)[0] for k in state}
+    assert len(loaded) == len(modules) > 0
+    patched, _ = comfy.sd.load_lora_for_models(playground.patcher, None, state, 1.0, 0.0)
+    assert len(patched.patches) == len(modules)
+
+
+def test_star_lora_draws_stars_the_base_cannot(playground):
+    state = load_file(str(lora_path("star")))
+    with_lora, _ = comfy.sd.load_lora_for_models(playground.patcher, None, state, 1.0, 0.0)
+    sides = [("red", "left"), ("blue", "right"), ("yellow", "left"), ("green", "right")]
+    prompts = [f"a {colour} star on the {side}" for colour, side in sides]
+    stars = {}
+    for name, patcher in (("base", playground.patcher), ("lora", with_lora)):
+        images = comfy_images(patcher, playground.clip, prompts, seed=3)
+        stars[name] = sum(detector.detect(image, HALF[side]).matches(shape="star")
+                          for image, (_, side) in zip(images, sides))
+    assert stars["lora"] > stars["base"], stars
+    assert stars["lora"] >= 2, stars
+
+
+def test_latent_and_decode_nodes_round_trip():
+    empty = playground_nodes.LoomPlaygroundLatent.execute(64, 32, 2).result[0]["samples"]
+    assert empty.shape == (2, 48, 8, 16) and not empty.any()
+    image = torch.from_numpy(world.scene_batch(seed=4, count=1)[0])
+    encoded = playground_nodes.LoomPlaygroundEncode.execute(image).result[0]
+    decoded = playground_nodes.LoomPlaygroundDecode.execute(encoded).result[0]
+    assert decoded.shape == (1, 64, 64, 3)
+    assert torch.allclose(decoded, image, atol=1e-6)
