@@ -154,9 +154,9 @@ def format_report(report: dict[str, Any]) -> str:
     """Human-readable summary and a table of the targeted modules."""
     base = report["base_model"]
     kinds = ", ".join(f"{k} x{n}" for k, n in sorted(report["kinds"].items()))
-    lines = [f"file      {report['file']}", f"sha256    {report['sha256']}", f"format    {report['format']}",
-             f"base      {base['family']}{' ' + base['variant'] if base['variant'] else ''} "
-             f"(from {base['evidence']}; {base['note']})",
+    variant = f" {base['variant']}" if base["variant"] else ""
+    base_line = f"base      {base['family']}{variant} (from {base['evidence']}; {base['note']})"
+    lines = [f"file      {report['file']}", f"sha256    {report['sha256']}", f"format    {report['format']}", base_line,
              f"kinds     {kinds}", f"ranks     {report['ranks'] or '-'}   alphas {report['alphas'] or '-'}", ""]
     header = ("module", "param", "kind", "rank", "alpha", "rows", "target shape")
     table = [header] + [(r["module"], r["parameter"], r["kind"], str(r["rank"]),
@@ -166,8 +166,8 @@ def format_report(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     leftovers = report["leftover_keys"]
-    lines += ["", f"leftover keys ({len(leftovers)}): {', '.join(leftovers[:10]) or 'none'}"
-              + (" ..." if len(leftovers) > 10 else "")]
+    more = " ..." if len(leftovers) > 10 else ""
+    lines += ["", f"leftover keys ({len(leftovers)}): {', '.join(leftovers[:10]) or 'none'}{more}"]
     meta = report["metadata"]
     lines.append(f"metadata ({len(meta)} fields):")
     for key in sorted(meta):

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -219,7 +220,7 @@ def tiny_clip(dims: FluxDims) -> comfy.sd.CLIP:
               "eos_token_id": 49407, "pad_token_id": 1}
 
     class Target:
-        params: dict = {}
+        params: ClassVar[dict] = {}
         clip = functools.partial(comfy.sd1_clip.SD1ClipModel, clip_model=comfy.sd1_clip.SDClipModel,
                                  textmodel_json_config=config)
         tokenizer = comfy.sd1_clip.SD1Tokenizer
