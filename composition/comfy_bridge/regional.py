@@ -223,8 +223,14 @@ class RegionalComposition:
         return tuple(bool(torch.equal(context[b], cast)) for b in range(context.shape[0]))
 
     def layout_for(self, h: int, w: int, batch: int, chunks: int, extra_tokens: int, composed: tuple[bool, ...],
-                   device: torch.device) -> CallLayout:
-        key = (h, w, batch, chunks, extra_tokens, composed, str(device))
+                   device: torch.device, text_length: int | None = None) -> CallLayout:
+        """Layout of one call; ``text_length`` is this call's context length (the plan's when None): an
+        uncond of another length runs in its own call with no composed entry."""
+        spans = self.prompts.spans
+        text_length = spans.total if text_length is None else int(text_length)
+        if any(composed) and text_length != spans.total:
+            raise PlanError(f"composed entries with text length {text_length}, the plan has {spans.total}")
+        key = (h, w, batch, chunks, extra_tokens, composed, str(device), text_length)
         cached = self._layouts.get(key)
         if cached is not None:
             return cached
@@ -235,8 +241,7 @@ class RegionalComposition:
         latent_index = torch.arange(batch) % latent_batch
         img = masks.permute(1, 2, 0)[latent_index]  # [B, grid, N]
         img = torch.cat([img, torch.zeros(batch, extra_tokens, n)], dim=1)
-        spans = self.prompts.spans
-        txt = torch.zeros(batch, spans.total, n)
+        txt = torch.zeros(batch, text_length, n)
         groups: dict[bytes, list[int]] = {}
         labels_of: dict[bytes, torch.Tensor] = {}
         plain = [b for b in range(batch) if not composed[b]]
@@ -261,7 +266,7 @@ class RegionalComposition:
         weights = {"img": img.to(device), "txt": txt.to(device)}
         weights["joint"] = torch.cat([weights["txt"], weights["img"]], dim=1)
         active = frozenset(k for k in range(n) if float(masks[k].max()) > 0.0)
-        layout = CallLayout(spans.total, grid + extra_tokens, (-(-h // p), -(-w // p)), weights,
+        layout = CallLayout(text_length, grid + extra_tokens, (-(-h // p), -(-w // p)), weights,
                             tuple(chunk_list), active, composed)
         if len(self._layouts) > 16:
             self._layouts.clear()
@@ -281,8 +286,9 @@ class RegionalComposition:
         p = self.patch_size
         extra = sum((-(-r.shape[-2] // p)) * (-(-r.shape[-1] // p)) for r in (kwargs.get("ref_latents") or []))
         chunks = len(transformer_options.get("cond_or_uncond") or [1])
+        text_length = int(c_crossattn.shape[1]) if c_crossattn is not None else self.prompts.spans.total
         layout = self.layout_for(int(x.shape[-2]), int(x.shape[-1]), int(x.shape[0]), chunks, extra,
-                                 composed or (False,) * x.shape[0], x.device)
+                                 composed or (False,) * x.shape[0], x.device, text_length)
         previous = self.current
         self.current = CallState(layout, self.percent_of(float(t.flatten()[0]), base_model.model_sampling))
         try:

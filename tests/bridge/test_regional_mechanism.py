@@ -362,3 +362,13 @@ def test_mixed_batch_runs_rules_only_for_the_composed_entry(flux, inputs):
     no_rules, _, _ = two_regions(flux, ComposeOptions(injection=False, isolation=False, latent_reinit=False))
     assert torch.allclose(alone_uncond, apply_model(no_rules, inputs["x"], HIGH_SIGMA, zero, inputs["y"]),
                           atol=1e-6)
+
+
+def test_uncond_of_another_text_length_runs_plain_in_its_own_call(flux, inputs):
+    """ComfyUI runs a negative of a different length in its own call: no rules, adapters on image tokens only."""
+    clone, _, encoded = two_regions(flux, ComposeOptions(latent_reinit=False, **ALWAYS))
+    short = torch.randn(1, 5, encoded.context.shape[-1], generator=torch.Generator().manual_seed(3))
+    out = apply_model(clone, inputs["x"], HIGH_SIGMA, short, inputs["y"])
+    no_rules, _, _ = two_regions(flux, ComposeOptions(injection=False, isolation=False, latent_reinit=False))
+    assert torch.allclose(out, apply_model(no_rules, inputs["x"], HIGH_SIGMA, short, inputs["y"]), atol=1e-6)
+    assert not torch.allclose(out, apply_model(flux, inputs["x"], HIGH_SIGMA, short, inputs["y"]), atol=1e-3)
