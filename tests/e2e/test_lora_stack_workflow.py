@@ -3,6 +3,7 @@ weights) change the demo Flux's image; a workflow naming a missing LoRA fails wi
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from lora_factory import FluxDims, LoraCase, build_lora
 # The factory's fixtures name blocks 0 and 1, so files are built for two blocks of each kind and then renamed.
 DEMO = FluxDims(hidden=3072, num_heads=24, double_blocks=2, single_blocks=2, in_channels=64, context_dim=768,
                 vec_dim=768, time_dim=256, clip_dim=768, t5_dim=64)
+logger = logging.getLogger(__name__)
 _SECOND_BLOCK = re.compile(r"((?:double|single)_blocks|transformer_blocks)([._])1([._])")
 
 
@@ -86,6 +88,7 @@ def test_stack_of_three_formats_changes_the_image(comfy_server, loras_dir):
     plain = run_to_image(comfy_server, workflow(None, "loom_e2e_plain"))
     assert np.isfinite(with_stack).all() and with_stack.std() > 0
     difference = float(np.abs(with_stack - plain).mean())
+    logger.info("mean absolute pixel difference with / without the stack: %.2f / 255", difference)
     assert difference > 0.5, f"the LoRAs changed the image by only {difference:.3f} / 255 on average"
     # The disabled row must not count: the same stack without it gives the same image.
     again = run_to_image(comfy_server, workflow(rows[:2], "loom_e2e_stack_again"))
