@@ -356,6 +356,9 @@ def compose(model: Any, clip: Any, global_prompt: str, regions: list[ComposedReg
             options: ComposeOptions = ComposeOptions()) -> ComposeResult:
     """Loom Compose's one function: MODEL, CLIP, prompts and regions -> patched MODEL clone + CONDITIONING."""
     plan = build_plan(global_prompt, regions, options)
+    if options.refinement:
+        raise PlanError("Loom Compose: LoRA-Composer latent refinement is not available in this build yet; "
+                        "switch 'refinement' off")
     if options.attention_path not in ("grouped", "dense"):
         raise PlanError(f"options.attention_path: {options.attention_path!r} is not 'grouped' or 'dense'")
     prompts = encode_prompts(clip, global_prompt, [r.region.prompt for r in regions])

@@ -155,3 +155,17 @@ def test_latent_reinit_probes_once_and_changes_the_sample(flux, regions):
     without, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, latent_reinit=False).args
     assert torch.isfinite(with_reinit).all()
     assert not torch.allclose(with_reinit, _sample(without, conditioning, conditioning, 1.0))
+
+
+def test_bench_compose_gives_one_row_per_combination():
+    from lora_loom.composition.comfy_bridge.bench_compose import bench_model, run_compose_bench
+
+    rows = run_compose_bench(bench_model(depth=1, depth_single_blocks=1), adapter_counts=(1, 2),
+                             region_counts=(1, 2), latent_hw=(8, 8), prompt_tokens=4, rank=2, repeats=1)
+    assert [(r.adapters, r.regions) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r.merged_ms > 0 and r.composed_ms > 0 and r.ratio > 0 for r in rows)
+
+
+def test_refinement_is_refused_until_implemented(flux, regions):
+    with pytest.raises(PlanError, match="refinement"):
+        LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=True)
