@@ -1,0 +1,43 @@
+"""``loom bench ...``: measurements against the issue goals. ``bench`` is a group: each benchmark registers
+itself in :func:`register` (``loom bench library`` here; add ``compose`` etc. with their own function)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+
+logger = logging.getLogger(__name__)
+
+
+def run_library(args: argparse.Namespace) -> int:
+    from ..retrieval.bench import format_table, run_benchmark
+
+    rows = run_benchmark(count=args.count, folder=args.folder, queries=args.queries, seed=args.seed)
+    sys.stdout.write((json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows)) + "\n")
+    missed = [r.metric for r in rows if r.met is False]
+    if missed:
+        sys.stderr.write(f"loom bench library: goal not met: {', '.join(missed)}\n")
+    return 1 if missed and args.strict else 0
+
+
+def register_library(group: argparse._SubParsersAction) -> None:
+    p = group.add_parser("library", help="index N generated LoRA files; scan rate, rescan time, search latency")
+    p.add_argument("--count", type=int, default=10_000, help="files to generate (default 10000)")
+    p.add_argument("--queries", type=int, default=200, help="search queries timed per mode (default 200)")
+    p.add_argument("--folder", help="generate the files here instead of a temporary folder")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is not met")
+    p.set_defaults(run=run_library)
+
+
+BENCHMARKS = (register_library,)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("bench", help="benchmarks (loom bench library)")
+    group = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for add in BENCHMARKS:
+        add(group)
