@@ -225,16 +225,35 @@ def train_concept(flux: torch.nn.Module, concept: world.Concept, settings: Train
     return hooks, featured_count * settings.lora_steps
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train the base model and every concept LoRA, write them to ``--out`` and log detector accuracy."""
-    parser = argparse.ArgumentParser(prog="python -m lora_loom.playground.train", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options, shared by ``python -m lora_loom.playground.train`` and ``loom playground train``."""
     parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: playground/weights)")
     parser.add_argument("--base-steps", type=int, default=TrainingSettings.base_steps)
     parser.add_argument("--lora-steps", type=int, default=TrainingSettings.lora_steps)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 is robust on a shared machine; 2 is faster on 2 idle cores)")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: found like `loom doctor`)")
-    args = parser.parse_args(argv)
+    parser.set_defaults(run=run)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``loom playground train`` to the ``loom`` command line."""
+    playground = commands.add_parser("playground", help="the playground world (tiny Flux trained here)")
+    actions = playground.add_subparsers(dest="playground_command", metavar="ACTION", required=True)
+    add_arguments(actions.add_parser("train", help="train the playground model and its concept LoRAs"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lora_loom.playground.train``: see :func:`run`."""
+    parser = argparse.ArgumentParser(prog="python -m lora_loom.playground.train", description=__doc__)
+    add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the base model and every concept LoRA, write them to ``args.out`` and log detector accuracy."""
+    logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from ..cli.comfy_env import find_comfyui, import_comfy
