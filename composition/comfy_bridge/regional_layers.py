@@ -120,6 +120,18 @@ class RegionalLinearMixin:
             self.loom_cache[key] = cached
         return cached
 
+    def _active_factors(self, fast: _Fast, active: frozenset[int], device: torch.device) -> object:
+        """Stacked factors of active regions with non-zero strength (from CPU copies: no device sync)."""
+        key = ("active", active, str(device))
+        cached = self.loom_cache.get(key)
+        if cached is None:
+            cpu = self.loom_fast
+            chosen = [i for i, (r, s) in enumerate(zip(cpu.regions.tolist(), cpu.strengths.tolist()))
+                      if r in active and s != 0.0]
+            cached = select_active(fast.stacked, adapter_index=chosen)
+            self.loom_cache[key] = cached
+        return cached
+
     def _token_scale(self, weights: torch.Tensor, regions: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
         """``[B, L, N_regions]`` -> ``[B, L, n_factors]``: each factor's region weight times its strength."""
         return weights.index_select(-1, regions.to(weights.device)) * strengths.to(weights.device)
@@ -129,8 +141,7 @@ class RegionalLinearMixin:
         if self.loom_fast is not None:
             fast = self._fast_on(x.device, x.dtype)
             scale = self._token_scale(weights, fast.regions, fast.strengths)
-            chosen = [i for i, r in enumerate(fast.regions.tolist()) if r in active and float(fast.strengths[i]) != 0.0]
-            out = masked_multi_lora(x, fast.stacked, scale, select_active(fast.stacked, adapter_index=chosen))
+            out = masked_multi_lora(x, fast.stacked, scale, self._active_factors(fast, active, x.device))
         for slot in self.loom_exact:
             if slot.region not in active or slot.strength == 0.0:
                 continue
@@ -214,9 +225,6 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
     object.__setattr__(wrapper, "loom_exact", exact)
     object.__setattr__(wrapper, "loom_cache", {"slots": tuple(slots)})
     return wrapper
-
-
-SlotSource = Callable[[str], tuple[AdapterSlot, ...]]
 
 
 def layer_slots(entries_by_region: list[list[tuple[float, Callable[[str], float], object]]]) -> dict[str, list[AdapterSlot]]:
