@@ -6,9 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 def node_list() -> list[type[io.ComfyNode]]:
     """Every node of the pack, in menu order."""
-    from . import lora_stack
+    from . import lora_stack, regions
 
-    return [*lora_stack.NODES]
+    return [*lora_stack.NODES, *regions.NODES]
 
 
 class LoomExtension(ComfyExtension):
