@@ -1,0 +1,189 @@
+"""HTTP routes of the library panel on ComfyUI's server (aiohttp through ``PromptServer``). Thin: each handler
+parses the query, runs one library call in a worker thread (SQLite and file reads never block the event
+loop) and answers JSON. A reference (``ref``) is a sha256 or a path relative to a loras folder; absolute
+paths, ``..`` segments and files outside the loras folders are refused with 400/404.
+
+    GET  /loom/library/search?q=&k=&base_model=&folder=&include=&exclude=
+    GET  /loom/library/details?ref=
+    GET  /loom/library/preview?ref=
+    POST /loom/library/rescan
+    GET  /loom/library/resolve?name=&sha256=
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import os
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..retrieval.comfy_bridge import (PROGRESS_EVENT, ScanBusy, ensure_scanned, inside_roots, scan_library,
+                                      send_ui_event, server_library, ui_progress)
+from ..retrieval.explain import details_json, hit_json, scan_report_json
+from ..retrieval.search import SearchFilters
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/loom/library"
+MAX_TOP_K = 200
+PREVIEW_TYPES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+
+
+class RouteError(Exception):
+    """An answer other than 200: ``status`` and a message naming what was wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _reference(value: str | None, field: str = "ref") -> str:
+    """A sha256 or a root-relative path; absolute paths and ``..`` are refused (400)."""
+    ref = (value or "").strip()
+    if not ref:
+        raise RouteError(400, f"missing query parameter {field!r}")
+    parts = ref.replace("\\", "/").split("/")
+    if ref.startswith(("/", "\\")) or os.path.isabs(ref) or (len(ref) > 1 and ref[1] == ":") or ".." in parts:
+        raise RouteError(400, f"{field} {ref!r} must be a sha256 or a path relative to a loras folder "
+                              "(no absolute paths, no '..')")
+    return ref
+
+
+def _preview_url(ref: str) -> str:
+    return f"{PREFIX}/preview?ref={urllib.parse.quote(ref)}"
+
+
+def search(query: dict[str, str]) -> dict[str, Any]:
+    """Search hits as JSON (the library is scanned first if this process has not scanned it yet)."""
+    try:
+        top_k = int(query.get("k") or 20)
+    except ValueError:
+        raise RouteError(400, f"k must be an integer, got {query.get('k')!r}") from None
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise RouteError(400, f"k must be between 1 and {MAX_TOP_K}, got {top_k}")
+    tags = lambda name: tuple(t.strip() for t in (query.get(name) or "").split(",") if t.strip())  # noqa: E731
+    folder = query.get("folder") or ""
+    if folder:
+        _reference(folder, "folder")
+    library = server_library()
+    ensure_scanned(library, ui_progress())
+    filters = SearchFilters(base_model=query.get("base_model") or "", folder=folder,
+                            tags_include=tags("include"), tags_exclude=tags("exclude"))
+    hits = library.search(query.get("q") or "", top_k=top_k, filters=filters)
+    return {"query": query.get("q") or "", "hits": [
+        hit_json(h, _preview_url(h.sha256 or h.relpath) if h.preview else None) for h in hits]}
+
+
+def details(query: dict[str, str]) -> dict[str, Any]:
+    """Header metadata and sidecar facts of one adapter; a file in the loras folders not yet indexed gets
+    its sha256 (what the stack editor needs) and ``indexed: false``."""
+    ref = _reference(query.get("ref"))
+    library = server_library(plain=True)
+    found = library.details(ref)
+    if found is None:
+        import folder_paths
+
+        from ..composition.loading import cached_sha256
+
+        path = folder_paths.get_full_path("loras", ref)
+        if path is None or not inside_roots(path):
+            raise RouteError(404, f"no LoRA {ref!r} in the library or in your loras folders")
+        return {"lora": ref.replace("\\", "/"), "sha256": cached_sha256(path), "indexed": False}
+    return details_json(found, _preview_url(found.sha256 or found.relpath) if found.preview else None)
+
+
+def preview(query: dict[str, str]) -> tuple[bytes, str]:
+    """The preview image's bytes and content type; only images inside the loras folders."""
+    ref = _reference(query.get("ref"))
+    path = server_library(plain=True).preview_path(ref)
+    if path is None or path.suffix.lower() not in PREVIEW_TYPES or not inside_roots(str(path)):
+        raise RouteError(404, f"no preview image for {ref!r}")
+    return path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def rescan(_: dict[str, str]) -> dict[str, Any]:
+    """Scan now (409 while another scan runs); progress goes out as ``loom.library.progress`` events."""
+    try:
+        report = scan_library(server_library(), ui_progress(), wait=False)
+    except ScanBusy as exc:
+        raise RouteError(409, str(exc)) from None
+    result = scan_report_json(report)
+    send_ui_event(PROGRESS_EVENT, {"done": report.total, "total": report.total, "file": "", "finished": True})
+    return result
+
+
+def resolve(query: dict[str, str]) -> dict[str, Any]:
+    """Which local file a shared workflow's ``name`` + ``sha256`` means (404 naming both when none)."""
+    name = query.get("name") or ""
+    sha256 = (query.get("sha256") or "").strip().lower()
+    if not name and not sha256:
+        raise RouteError(400, "pass name= and/or sha256=")
+    if name:
+        _reference(name, "name")
+    library = server_library(plain=True)
+    try:
+        found = library.resolve(name or None, sha256 or None)
+        if found is None and sha256:
+            scan_library(library)
+            found = library.resolve(name or None, sha256)
+    except ValueError as exc:
+        raise RouteError(400, str(exc)) from None
+    if found is None or not inside_roots(str(found)):
+        what = f"{name!r}" + (f" with sha256 {sha256}" if sha256 else "")
+        raise RouteError(404, f"no file in your loras folders matches {what}")
+    for root in library.roots:
+        if str(found).startswith(root.rstrip(os.sep) + os.sep):
+            relpath = os.path.relpath(found, root).replace(os.sep, "/")
+            break
+    else:
+        relpath = os.path.basename(found)
+    entry = library.details(relpath)
+    return {"lora": relpath, "sha256": entry.sha256 if entry else sha256, "renamed": bool(name) and relpath != name}
+
+
+async def _answer(call: Callable[[dict[str, str]], Any], request: web.Request) -> web.StreamResponse:
+    query = dict(request.query)
+    try:
+        result = await asyncio.to_thread(call, query)
+    except RouteError as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    if isinstance(result, tuple):
+        body, content_type = result
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "max-age=60"})
+    return web.json_response(result)
+
+
+_registered: list[object] = []
+
+
+def register() -> bool:
+    """Add the library routes to ComfyUI's server; idempotent. Call it while the pack loads (ComfyUI 0.3.75
+    never calls ``ComfyExtension.on_load``; ``get_node_list`` runs before the server adds its routes).
+    Returns False (and does nothing) where no server runs, e.g. when a test loads the pack in-process."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        logger.debug("no PromptServer: library routes not registered")
+        return False
+    if instance in _registered:
+        return True
+    _registered.append(instance)
+    routes = instance.routes
+    for method, name, call in (("GET", "search", search), ("GET", "details", details),
+                               ("GET", "preview", preview), ("POST", "rescan", rescan),
+                               ("GET", "resolve", resolve)):
+        async def handler(request: web.Request, call: Callable[[dict[str, str]], Any] = call) -> web.StreamResponse:
+            return await _answer(call, request)
+
+        routes.route(method, f"{PREFIX}/{name}")(handler)
+    logger.debug("library routes registered under %s", PREFIX)
+    return True
