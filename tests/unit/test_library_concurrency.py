@@ -1,29 +1,15 @@
 """Several threads and processes scanning and searching one index leave it consistent."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
 import sqlite3
-import sys
 import threading
 from pathlib import Path
 
+import library_factory as factory  # tests/ is on sys.path (tests/conftest.py)
 from lora_loom.retrieval.library import Library
 from lora_loom.retrieval.text_encoders import HashedTextEncoder
-
-
-def _load_factory() -> object:
-    """tests/library_factory.py, loaded by path (tests are not a package)."""
-    if "library_factory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("library_factory", Path(__file__).parents[1] / "library_factory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["library_factory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["library_factory"]
-
-
-factory = _load_factory()
 
 
 def _populate(root: Path, count: int, start: int = 0) -> None:

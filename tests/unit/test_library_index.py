@@ -1,34 +1,18 @@
 """Library index: header fields, sidecars, errors, path safety, incremental rescans, resolve, stats."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sqlite3
 import struct
-import sys
 from pathlib import Path
 
+import library_factory as factory  # tests/ is on sys.path (tests/conftest.py)
 import pytest
-
 from lora_loom.retrieval import header as header_module
 from lora_loom.retrieval import scan as scan_module
 from lora_loom.retrieval.library import Library
 from lora_loom.retrieval.store import LibraryError, require_fts5
-
-
-
-def _load_factory() -> object:
-    """tests/library_factory.py, loaded by path (tests are not a package)."""
-    if "library_factory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("library_factory", Path(__file__).parents[1] / "library_factory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["library_factory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["library_factory"]
-
-
-factory = _load_factory()
 
 SHA = "ab" * 32
 

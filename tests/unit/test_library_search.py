@@ -1,29 +1,18 @@
 """Library search: BM25 ranking, filters, the ``why`` of each hit, semantic search, fusion."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import library_factory as factory  # tests/ is on sys.path (tests/conftest.py)
 import pytest
 import torch
-
 from lora_loom.retrieval.library import Library
 from lora_loom.retrieval.search import SearchFilters, fuse
-from lora_loom.retrieval.text_encoders import HashedTextEncoder, TextEncoder, adapter_caption
-
-
-def _load_factory() -> object:
-    """tests/library_factory.py, loaded by path (tests are not a package)."""
-    if "library_factory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("library_factory", Path(__file__).parents[1] / "library_factory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["library_factory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["library_factory"]
-
-
-factory = _load_factory()
+from lora_loom.retrieval.text_encoders import (
+    HashedTextEncoder,
+    TextEncoder,
+    adapter_caption,
+)
 
 # relpath, header metadata, civitai sidecar (or None)
 FILES = [

@@ -2,35 +2,30 @@
 and retrieval quality on a generated library whose weights carry known concepts."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import library_factory as factory  # tests/ is on sys.path (tests/conftest.py)
 import numpy as np
 import pytest
 import torch
-
 from lora_loom.retrieval.factors import FluxLayout, LowRankFactors, read_factors, scaled
 from lora_loom.retrieval.library import Library
 from lora_loom.retrieval.text_encoders import HashedTextEncoder
-from lora_loom.retrieval.weight_encoder import (WeightEncoder, WeightEncoderConfig, load_weight_encoder,
-                                                save_weight_encoder, train_weight_encoder)
-from lora_loom.retrieval.weight_signature import SignatureConfig, singular_values, weight_signature
+from lora_loom.retrieval.weight_encoder import (
+    WeightEncoder,
+    WeightEncoderConfig,
+    load_weight_encoder,
+    save_weight_encoder,
+    train_weight_encoder,
+)
+from lora_loom.retrieval.weight_signature import (
+    SignatureConfig,
+    singular_values,
+    weight_signature,
+)
 from lora_loom.retrieval.weight_vectors import SignatureSpace
 
-
-def _load_factory() -> object:
-    """tests/library_factory.py, loaded by path (tests are not a package)."""
-    if "library_factory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("library_factory", Path(__file__).parents[1] / "library_factory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["library_factory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["library_factory"]
-
-
-factory = _load_factory()
 LAYOUT = FluxLayout(hidden=32, mlp_ratio=4.0, double_blocks=2, single_blocks=2)
 LAYERS = [(s.name, s.d_in, s.d_out) for s in LAYOUT.layers]
 
