@@ -2,7 +2,7 @@
 // `rows` widget. The JSON stays the single source of truth, so workflows serialise and reload exactly.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { addRow, parseRows, removeRow, serializeRows, updateRow } from "./stack_rows.js";
+import { addRow, parseRows, pinSha256, removeRow, renameBySha256, rowsToResolve, serializeRows, updateRow } from "./stack_rows.js";
 
 const EXTENSION = "loom.LoraStack";
 let loraNames = null;
@@ -18,6 +18,17 @@ async function fetchLoraNames() {
     loraNames = [];
   }
   return loraNames;
+}
+
+// The library routes (nodes/routes.py): a file's sha256, and the local file a shared workflow's sha256 means.
+async function libraryJson(path, params) {
+  try {
+    const res = await api.fetchApi(`/loom/library/${path}?${new URLSearchParams(params)}`);
+    return res.ok ? await res.json() : null;
+  } catch (err) {
+    console.warn(`[loom] /loom/library/${path} failed`, err);
+    return null;
+  }
 }
 
 function el(tag, props = {}, children = []) {
@@ -48,9 +59,29 @@ export function attachStackEditor(node) {
     node.setDirtyCanvas?.(true, true);
   };
 
+  // Every row the editor writes carries its file's sha256, so the workflow finds the same file elsewhere.
+  async function pin(lora) {
+    const info = await libraryJson("details", { ref: lora });
+    if (info?.sha256 && read().some((r) => r.lora === lora && r.sha256 !== info.sha256)) {
+      write(pinSha256(read(), lora, info.sha256));
+    }
+  }
+
+  // Rows from another machine whose file has another name here: ask the library which local file has the hash.
+  const resolving = new Set();
+  async function resolveRenamed(names) {
+    for (const row of rowsToResolve(read(), names)) {
+      if (resolving.has(row.sha256)) continue;
+      resolving.add(row.sha256);
+      const found = await libraryJson("resolve", { name: row.lora, sha256: row.sha256 });
+      if (found?.lora && names.includes(found.lora)) write(renameBySha256(read(), row.sha256, found.lora));
+    }
+  }
+
   async function render() {
     const names = await fetchLoraNames();
     const rows = read();
+    resolveRenamed(names);
     root.replaceChildren();
     rows.forEach((row, i) => {
       const toggle = el("input", { type: "checkbox", checked: row.on, title: "on/off" });
@@ -58,7 +89,10 @@ export function attachStackEditor(node) {
       const select = el("select", { title: row.sha256 ? `sha256 ${row.sha256}` : row.lora },
         [...new Set([row.lora, ...names])].map((n) => el("option", { value: n, textContent: n, selected: n === row.lora })));
       select.style.flex = "1";
-      select.addEventListener("change", () => write(updateRow(read(), i, { lora: select.value, sha256: null })));
+      select.addEventListener("change", () => {
+        write(updateRow(read(), i, { lora: select.value, sha256: null }));
+        pin(select.value);
+      });
       const strength = numberInput(row.strength, (v) => write(updateRow(read(), i, { strength: v ?? 0 })), "strength");
       const clip = numberInput(row.clip_strength, (v) => write(updateRow(read(), i, { clip_strength: v })), "CLIP strength (empty = same)");
       const blocks = el("input", { type: "text", value: row.blocks, placeholder: "blocks", title: "block weights: preset, spec (double3-5=0.5) or 58 values" });
@@ -73,8 +107,10 @@ export function attachStackEditor(node) {
     const add = el("button", { textContent: "+ Add LoRA", className: "loom-stack-add" });
     add.addEventListener("click", async () => {
       const first = (await fetchLoraNames())[0];
-      if (first) write(addRow(read(), first));
-      else alert("No LoRA files found in your loras folders.");
+      if (first) {
+        write(addRow(read(), first));
+        pin(first);
+      } else alert("No LoRA files found in your loras folders.");
     });
     root.append(add);
   }

@@ -51,3 +51,22 @@ export function moveRow(rows, from, to) {
   out.splice(Math.max(0, Math.min(to, out.length)), 0, row);
   return out;
 }
+
+const SHA256 = /^[0-9a-f]{64}$/;
+
+/** Pin the file's content hash on the rows for `lora`, so a shared workflow never loads a different file. */
+export function pinSha256(rows, lora, sha256) {
+  if (!SHA256.test(sha256 ?? "")) throw new Error(`sha256 must be 64 lower-case hex digits, got ${sha256}`);
+  return rows.map((r) => (r.lora === lora ? { ...r, sha256 } : r));
+}
+
+/** Rows whose file is not in this machine's LoRA list but whose sha256 can find it (renamed or moved). */
+export function rowsToResolve(rows, names) {
+  const known = new Set(names);
+  return rows.filter((r) => r.sha256 && !known.has(r.lora));
+}
+
+/** Point the rows pinned to `sha256` at `lora`, the local name of the same file. */
+export function renameBySha256(rows, sha256, lora) {
+  return rows.map((r) => (r.sha256 === sha256 ? { ...r, lora } : r));
+}

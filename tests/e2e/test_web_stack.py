@@ -1,5 +1,7 @@
-"""The LoRA Stack row editor in real headless Chromium against the real server: add a row from the UI,
-export the workflow JSON, reload it, queue it from the UI and see the output image."""
+"""The LoRA Stack row editor in real headless Chromium against the real server: add a row from the UI (the
+library pins the file's sha256 on it), export the workflow JSON, reload it, queue it from the UI and see the
+output image."""
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def stack_rows(page) -> list:
 
 def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
     write_demo_lora(loras_dir / "web_test_lora.safetensors")
+    sha256 = hashlib.sha256((loras_dir / "web_test_lora.safetensors").read_bytes()).hexdigest()
     example = json.loads((REPO / "example_workflows" / "loom_demo.json").read_text())
     with comfy_page(comfy_server, ARTIFACTS) as page:
         load_workflow(page, example)
@@ -50,8 +53,10 @@ def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
         assert editor.count() == 1
         page.locator(".loom-stack-add").click()
         page.wait_for_function("() => document.querySelectorAll('.loom-stack-row').length === 1")
+        page.wait_for_function("() => JSON.parse(window.app.graph._nodes.find(n => n.type === 'LoomLoraStack')"
+                               ".widgets.find(w => w.name === 'rows').value)[0]?.sha256")
         rows = stack_rows(page)
-        assert rows == [{"lora": "web_test_lora.safetensors", "on": True, "strength": 1}]
+        assert rows == [{"lora": "web_test_lora.safetensors", "on": True, "strength": 1, "sha256": sha256}]
         strength = page.locator(".loom-stack-row input[type=number]").first
         strength.fill("0.75")
         strength.dispatch_event("change")
@@ -64,7 +69,8 @@ def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
         load_workflow(page, example)
         assert stack_rows(page) == []
         load_workflow(page, exported)
-        assert stack_rows(page)[0] == {"lora": "web_test_lora.safetensors", "on": True, "strength": 0.75}
+        assert stack_rows(page)[0] == {"lora": "web_test_lora.safetensors", "on": True, "strength": 0.75,
+                                       "sha256": sha256}
         assert page.locator(".loom-stack-row").count() == 1
 
         before = set(comfy_server.get_json("/history"))
@@ -76,3 +82,20 @@ def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
         page.screenshot(path=str(ARTIFACTS / "web_stack_after_queue.png"))
         ours = [e for e in page.errors if "loom" in e.lower()]
         assert not ours, ours
+
+
+def test_stack_editor_renames_a_row_whose_file_has_another_name_here(comfy_server, loras_dir):
+    """A workflow from another machine names `their_name.safetensors`; here the same bytes are
+    `renamed/here.safetensors`: the editor asks the library by sha256 and points the row at the local file."""
+    (loras_dir / "renamed").mkdir()
+    write_demo_lora(loras_dir / "renamed" / "here.safetensors", seed=5)
+    sha256 = hashlib.sha256((loras_dir / "renamed" / "here.safetensors").read_bytes()).hexdigest()
+    workflow = json.loads((REPO / "example_workflows" / "loom_demo.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == "LoomLoraStack")
+    node["widgets_values"][0] = json.dumps([{"lora": "their_name.safetensors", "on": True, "strength": 0.5,
+                                             "sha256": sha256}])
+    with comfy_page(comfy_server, ARTIFACTS) as page:
+        load_workflow(page, workflow)
+        page.wait_for_function("() => JSON.parse(window.app.graph._nodes.find(n => n.type === 'LoomLoraStack')"
+                               ".widgets.find(w => w.name === 'rows').value)[0].lora !== 'their_name.safetensors'")
+        assert stack_rows(page) == [{"lora": "renamed/here.safetensors", "on": True, "strength": 0.5, "sha256": sha256}]

@@ -1,7 +1,7 @@
 // DOM-free logic of web/stack_rows.js, run with `node --test tests/js` (pytest runs it in tests/unit/test_js.py).
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { addRow, moveRow, parseRows, removeRow, serializeRows, updateRow } from "../../web/stack_rows.js";
+import { addRow, moveRow, parseRows, pinSha256, removeRow, renameBySha256, rowsToResolve, serializeRows, updateRow } from "../../web/stack_rows.js";
 
 test("parse fills defaults and rejects rows without a lora", () => {
   const rows = parseRows('[{"lora": "a.safetensors", "strength": 0.5}]');
@@ -34,4 +34,19 @@ test("update, remove and move are pure and bounds-checked", () => {
   assert.deepEqual(removeRow(rows, 1).map((r) => r.lora), ["a", "c"]);
   assert.deepEqual(moveRow(rows, 0, 2).map((r) => r.lora), ["b", "c", "a"]);
   assert.deepEqual(rows.map((r) => r.lora), ["a", "b", "c"]);
+});
+
+test("sha256 is pinned on the rows of one file and renamed files are found by it", () => {
+  const sha = "ab".repeat(32);
+  let rows = [addRow([], "a.safetensors")[0], addRow([], "b.safetensors")[0]];
+  rows = pinSha256(rows, "a.safetensors", sha);
+  assert.deepEqual(rows.map((r) => r.sha256), [sha, null]);
+  assert.deepEqual(JSON.parse(serializeRows(rows))[0], { lora: "a.safetensors", on: true, strength: 1, sha256: sha });
+  assert.throws(() => pinSha256(rows, "b.safetensors", "XYZ"), /64 lower-case hex/);
+  assert.throws(() => pinSha256(rows, "b.safetensors", undefined), /64 lower-case hex/);
+  assert.deepEqual(rowsToResolve(rows, ["b.safetensors"]).map((r) => r.lora), ["a.safetensors"]);
+  assert.deepEqual(rowsToResolve(rows, ["a.safetensors"]), []);
+  rows = renameBySha256(rows, sha, "moved/a_v2.safetensors");
+  assert.deepEqual(rows.map((r) => r.lora), ["moved/a_v2.safetensors", "b.safetensors"]);
+  assert.equal(rows[0].sha256, sha);
 });
