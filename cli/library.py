@@ -15,10 +15,21 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..retrieval.explain import hit_json, hits_text, scan_report_json, scan_report_text, stats_json, stats_text
+from ..retrieval.explain import (
+    hit_json,
+    hits_text,
+    scan_report_json,
+    scan_report_text,
+    stats_json,
+    stats_text,
+)
 from ..retrieval.library import Library
 from ..retrieval.search import SearchFilters
-from ..retrieval.text_encoders import HashedTextEncoder, OpenClipTextEncoder, TextEncoder
+from ..retrieval.text_encoders import (
+    HashedTextEncoder,
+    OpenClipTextEncoder,
+    TextEncoder,
+)
 from ..retrieval.weight_encoder import WeightEncoder, load_weight_encoder
 from ..retrieval.weight_vectors import SignatureSpace
 from .comfy_env import ComfyNotFound, find_comfyui, import_comfy
@@ -119,6 +130,11 @@ def progress_bar(description: str):
     return update, bar.close
 
 
+def split_tags(text: str | None) -> tuple[str, ...]:
+    """``"a, b"`` → ``("a", "b")``."""
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text + "\n")
 
@@ -137,9 +153,8 @@ def run_scan(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     library = setup.library()
-    tags = lambda text: tuple(t.strip() for t in (text or "").split(",") if t.strip())  # noqa: E731
     filters = SearchFilters(base_model=args.base_model or "", folder=args.folder or "",
-                            tags_include=tags(args.include), tags_exclude=tags(args.exclude))
+                            tags_include=split_tags(args.include), tags_exclude=split_tags(args.exclude))
     hits = library.search(args.query, top_k=args.k, filters=filters, like=args.like)
     if args.json:
         _write(json.dumps({"query": args.query, "hits": [hit_json(h) for h in hits]}, indent=1))

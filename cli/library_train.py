@@ -17,8 +17,12 @@ import torch
 
 from ..retrieval.factors import FluxLayout, LowRankFactors, read_factors
 from ..retrieval.text_encoders import adapter_caption
-from ..retrieval.weight_encoder import (WeightEncoder, WeightEncoderConfig, save_weight_encoder,
-                                        train_weight_encoder)
+from ..retrieval.weight_encoder import (
+    WeightEncoder,
+    WeightEncoderConfig,
+    save_weight_encoder,
+    train_weight_encoder,
+)
 
 if TYPE_CHECKING:
     from .library import LibrarySetup

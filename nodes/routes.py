@@ -21,8 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
-from ..retrieval.comfy_bridge import (PROGRESS_EVENT, ScanBusy, ensure_scanned, inside_roots, scan_library,
-                                      send_ui_event, server_library, ui_progress)
+from ..retrieval.comfy_bridge import (
+    PROGRESS_EVENT,
+    ScanBusy,
+    ensure_scanned,
+    inside_roots,
+    scan_library,
+    send_ui_event,
+    server_library,
+    ui_progress,
+)
 from ..retrieval.explain import details_json, hit_json, scan_report_json
 from ..retrieval.search import SearchFilters
 
@@ -53,6 +61,10 @@ def _reference(value: str | None, field: str = "ref") -> str:
     return ref
 
 
+def _tags(text: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
+
+
 def _preview_url(ref: str) -> str:
     return f"{PREFIX}/preview?ref={urllib.parse.quote(ref)}"
 
@@ -65,14 +77,13 @@ def search(query: dict[str, str]) -> dict[str, Any]:
         raise RouteError(400, f"k must be an integer, got {query.get('k')!r}") from None
     if not 1 <= top_k <= MAX_TOP_K:
         raise RouteError(400, f"k must be between 1 and {MAX_TOP_K}, got {top_k}")
-    tags = lambda name: tuple(t.strip() for t in (query.get(name) or "").split(",") if t.strip())  # noqa: E731
     folder = query.get("folder") or ""
     if folder:
         _reference(folder, "folder")
     library = server_library()
     ensure_scanned(library, ui_progress())
     filters = SearchFilters(base_model=query.get("base_model") or "", folder=folder,
-                            tags_include=tags("include"), tags_exclude=tags("exclude"))
+                            tags_include=_tags(query.get("include")), tags_exclude=_tags(query.get("exclude")))
     hits = library.search(query.get("q") or "", top_k=top_k, filters=filters)
     return {"query": query.get("q") or "", "hits": [
         hit_json(h, _preview_url(h.sha256 or h.relpath) if h.preview else None) for h in hits]}

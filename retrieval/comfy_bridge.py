@@ -110,7 +110,7 @@ def configured_clip_l() -> str | None:
     if not name:
         return None
     if not isinstance(name, str):
-        raise ValueError(f"{settings_path}: field 'clip_l' must be a file name, got {name!r}")
+        raise TypeError(f"{settings_path}: field 'clip_l' must be a file name, got {name!r}")
     if os.path.isabs(name):
         return name
     for kind in ("text_encoders", "clip"):

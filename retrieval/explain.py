@@ -83,9 +83,9 @@ def scan_report_json(report: ScanReport) -> dict[str, Any]:
 
 def scan_report_text(report: ScanReport) -> str:
     """``1200 files: 3 added, 1 updated, ... in 0.41 s`` plus one line per error."""
-    lines = [f"{report.total} files: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
-             f"{report.removed} removed, {len(report.errors)} errors ({report.headers_read} headers read, "
-             f"{report.hashed} hashed) in {report.seconds:.2f} s"]
+    lines = [(f"{report.total} files: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+              f"{report.removed} removed, {len(report.errors)} errors ({report.headers_read} headers read, "
+              f"{report.hashed} hashed) in {report.seconds:.2f} s")]
     lines += [f"  error {e.relpath}: {e.reason}" for e in report.errors]
     return "\n".join(lines)
 
@@ -99,7 +99,7 @@ def stats_text(stats: LibraryStats) -> str:
     """Counts over the roots, one fact per line."""
     lines = [f"index      {stats.db_path}", *(f"root       {r}" for r in stats.roots),
              f"adapters   {stats.adapters} ({stats.errors} errors, {stats.hashed} hashed)",
-             f"vectors    text {stats.text_vectors}, signature {stats.signature_vectors}, "
-             f"weight {stats.weight_vectors}"]
+             (f"vectors    text {stats.text_vectors}, signature {stats.signature_vectors}, "
+              f"weight {stats.weight_vectors}")]
     lines += [f"  {family or 'unknown':<22} {count}" for family, count in stats.by_base_model.items()]
     return "\n".join(lines)

@@ -9,15 +9,18 @@ import shutil
 from pathlib import Path
 
 import folder_paths
+import library_factory as factory
 import pytest
 import torch
-
-import library_factory as factory
 from lora_loom.composition.loading import file_sha256
 from lora_loom.retrieval import comfy_bridge as bridge
 from lora_loom.retrieval.clip_text_encoder import ComfyClipTextEncoder
 from lora_loom.retrieval.text_encoders import HashedTextEncoder
-from lora_loom.retrieval.weight_encoder import WeightEncoder, WeightEncoderConfig, save_weight_encoder
+from lora_loom.retrieval.weight_encoder import (
+    WeightEncoder,
+    WeightEncoderConfig,
+    save_weight_encoder,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from loomdev.workflow import ui_to_api
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[2]
 

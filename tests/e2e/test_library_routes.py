@@ -58,20 +58,20 @@ async def _progress_events(url: str, rescan, timeout: float = 60) -> list[dict]:
     import aiohttp
 
     events: list[dict] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url.replace("http", "ws") + "/ws?clientId=loom-library-test") as ws:
-            await ws.receive(timeout=timeout)  # the server's status greeting
-            worker = threading.Thread(target=rescan)
-            worker.start()
-            try:
-                while not any(e.get("finished") for e in events):
-                    message = await ws.receive(timeout=timeout)
-                    if message.type == aiohttp.WSMsgType.TEXT:
-                        data = json.loads(message.data)
-                        if data.get("type") == "loom.library.progress":
-                            events.append(data["data"])
-            finally:
-                worker.join()
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(url.replace("http", "ws") + "/ws?clientId=loom-library-test") as ws:
+        await ws.receive(timeout=timeout)  # the server's status greeting
+        worker = threading.Thread(target=rescan)
+        worker.start()
+        try:
+            while not any(e.get("finished") for e in events):
+                message = await ws.receive(timeout=timeout)
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(message.data)
+                    if data.get("type") == "loom.library.progress":
+                        events.append(data["data"])
+        finally:
+            worker.join()
     return events
 
 
@@ -112,7 +112,7 @@ def test_details_by_path_and_by_hash(comfy_server, library_files) -> None:
         assert details["description"] == "soft washes" and {"painting", "flowers"} <= set(details["tags"])
         assert "aquarelle" in details["trigger_words"] and details["preview"] == "aquarelle_bloom.preview.png"
         assert "path" not in details and "root" not in details
-    status, body = get(comfy_server, "/loom/library/preview", ref="routes/steel_paladin.safetensors")
+    status, _ = get(comfy_server, "/loom/library/preview", ref="routes/steel_paladin.safetensors")
     assert status == 404
 
 

@@ -7,9 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 import library_factory as factory
+import pytest
 from lora_loom.cli import bench, library
 from lora_loom.retrieval.factors import FluxLayout
 
