@@ -6,13 +6,18 @@ from comfy_api.latest import ComfyExtension, io
 
 def node_list() -> list[type[io.ComfyNode]]:
     """Every node of the pack, in menu order."""
-    from . import lora_stack, regions
+    from . import library, lora_stack, regions
 
-    return [*lora_stack.NODES, *regions.NODES]
+    return [*lora_stack.NODES, *regions.NODES, *library.NODES]
 
 
 class LoomExtension(ComfyExtension):
     """The pack's extension object, returned by ``comfy_entrypoint``."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.3.75 never awaits ComfyExtension.on_load, so the web panel's routes are added here; the
+        # server adds its routes to the app after every pack has loaded. register() is idempotent.
+        from . import routes
+
+        routes.register()
         return node_list()
