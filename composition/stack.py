@@ -7,9 +7,12 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapters import AdapterSet
+
+if TYPE_CHECKING:
+    from .adapter_gate import AdapterGate
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +45,14 @@ class StackRow:
 
 @dataclass(frozen=True)
 class StackEntry:
-    """A loaded, enabled row: the row plus its parsed adapters (what ``LOOM_ADAPTERS`` carries per LoRA)."""
+    """A loaded, enabled row: the row plus its parsed adapters (what ``LOOM_ADAPTERS`` carries per LoRA).
+    ``gate``: an optional :class:`~.adapter_gate.AdapterGate` (per-token modes scale the row by it over time)."""
 
     row: StackRow
     adapter_set: AdapterSet
     path: str
     trigger_words: tuple[str, ...] = field(default_factory=tuple)
+    gate: AdapterGate | None = None
 
     @property
     def name(self) -> str:

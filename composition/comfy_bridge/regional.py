@@ -12,6 +12,10 @@
    sampling percent from the latent's size and sigma (masks are resized at sampling time);
 5. optionally adds a ``SAMPLER_SAMPLE`` wrapper for latent re-initialisation (``reinit.py``).
 
+Gates: an entry (a row of a region's stack) with a gate attached (``StackEntry.gate``) is scaled inside the
+wrapped layers by its schedule at (block, sampling percent) — :meth:`RegionalComposition.adapter_gates` — and,
+with a learned gate, mixed by AutoLoRA's formula. Nothing is re-patched during sampling.
+
 Which batch entries are regional: those whose text conditioning *is* the composed prompt (same length and
 values). Other entries (an uncond, a zeroed negative, another prompt batched alongside) run plain attention and
 get the region adapters on image tokens only (as a merged LoRA would give the uncond its LoRA).
@@ -26,13 +30,14 @@ import torch
 
 import comfy.patcher_extension
 
+from ..adapter_gate import GateBook
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
 from ..gates import sigma_to_percent
 from ..plan import MethodOptions, Plan, PlanError, Region, RuleSchedule, TextSpans, region_token_masks
 from ..regional import label_joint_sequence
 from ..stack import StackEntry
 from .regional_attention import RegionalAttention
-from .regional_layers import AdapterSlot, layer_slots, unsupported_modules, wrap_linear
+from .regional_layers import AdapterSlot, SlotGate, layer_slots, unsupported_modules, wrap_linear
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +193,11 @@ class RegionalComposition:
         self.patch_size = patch_size
         self.current: CallState | None = None
         self.probe: Any = None
+        self.gate_book: GateBook | None = None
         self._layouts: dict = {}
         self._percents: dict = {}
         self._contexts: dict = {}
+        self._gate_values: dict = {}
 
     def __deepcopy__(self, memo: dict) -> "RegionalComposition":
         return self  # model_options are deep-copied on clone; the composition is shared, not copied
@@ -201,6 +208,19 @@ class RegionalComposition:
 
     def active_regions(self) -> frozenset[int]:
         return frozenset() if self.current is None else self.current.layout.active
+
+    def adapter_gates(self, block_type: str, block_index: int) -> tuple[float, ...] | None:
+        """Gate of every gated entry for a layer of this block at the current percent (None: no gates)."""
+        if self.gate_book is None or self.current is None:
+            return None
+        key = (block_type, block_index, self.current.percent)
+        values = self._gate_values.get(key)
+        if values is None:
+            values = self.gate_book.values(block_type, block_index, self.current.percent)
+            if len(self._gate_values) > 4096:
+                self._gate_values.clear()
+            self._gate_values[key] = values
+        return values
 
     # --- per call ---------------------------------------------------------------------------------------
     def percent_of(self, sigma: float, model_sampling: Any) -> float:
@@ -317,16 +337,25 @@ def install(model: Any, composition: RegionalComposition, regions: list[Composed
     clone = model.clone()
     diffusion = clone.get_model_object("diffusion_model")
     depth, depth_single = len(diffusion.double_blocks), len(diffusion.single_blocks)
-    per_region = []
+    per_region, gates_by_region, schedules = [], [], []
     for region in regions:
-        items = []
+        items, gates = [], []
         for entry in region.entries:
             blocks = _entry_block_weights(entry, depth, depth_single)
             weight_of = (lambda module, b=blocks: b.weight_for(block_of_module(module).block_type,
                                                                  block_of_module(module).index))
             items.append((entry.row.strength, weight_of, entry.adapter_set))
+            gate = getattr(entry, "gate", None)
+            if gate is None:
+                gates.append(SlotGate())
+                continue
+            gates.append(SlotGate(-1 if gate.schedule is None else len(schedules), gate.learned))
+            if gate.schedule is not None:
+                schedules.append(gate.schedule)
         per_region.append(items)
-    slots = layer_slots(per_region)
+        gates_by_region.append(gates)
+    composition.gate_book = GateBook(tuple(schedules)) if schedules else None
+    slots = layer_slots(per_region, gates_by_region)
     for module, module_slots in sorted(slots.items()):
         key = f"diffusion_model.{module}"
         try:

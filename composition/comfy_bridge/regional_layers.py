@@ -10,18 +10,30 @@ adapters of a layer stacked, two matmuls whatever their number. Other kinds (LoH
 SetWeight) use their exact ``bypass_delta``. Modulation layers (``img_mod.lin``, ``modulation.lin``,
 ``final_layer.adaLN_modulation.1``) see one vector per sample ``[B, 1, C]``; they return ``[B, L, O]`` — the
 base output broadcast plus each token's own adapter mix — which Flux's ``apply_mod`` broadcasts per token.
+
+Gates (optional): a slot with ``gate >= 0`` is scaled by ``source.adapter_gates(block_type, block_index)[gate]``
+when the source implements that method (the :class:`TokenGates` extra; :class:`TokenWeights` alone means "no
+gates"). The layer knows its block from its module name. A slot whose gate is exactly 0 is dropped before any
+matmul. No weight is written: strength changes over sampling happen in the forward. A slot with a ``learned``
+gate (AutoLoRA) is not stacked: its ``Δ_i`` is computed alone, full width, and mixed by the gate's formula
+``o + Σ_i w_out ⊙ g_i ⊙ Δ_i`` (cost: one extra ``[B, L, C_out]`` tensor per such adapter, plus two LayerNorms).
+
+Token weights may broadcast: ``[1 | B, 1 | L, N]`` (a full-canvas source returns ``[1, 1, 1]``; modulation
+layers then keep their ``[B, 1, O]`` shape).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol
+import copy
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from ...kernels.multi_lora import AdapterFactors, StackedLoRA, masked_multi_lora, select_active, stack_lora
 from ..adapters import LoRA
 from ..adapters.common import BIAS, WEIGHT
+from ..block_weights import BlockRef, block_of_module
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +71,32 @@ class TokenWeights(Protocol):
     def active_regions(self) -> frozenset[int]: ...
 
 
+class TokenGates(Protocol):
+    """Optional extra of a :class:`TokenWeights` source: the gate of every gated slot for one layer's block,
+    indexed by ``AdapterSlot.gate`` (exactly 0.0 = off), or None for "no gating in this call"."""
+
+    def adapter_gates(self, block_type: str, block_index: int) -> Sequence[float] | None: ...
+
+
 @dataclass(frozen=True)
 class AdapterSlot:
     """One adapter of one layer: the region it paints, its static strength (row strength × block weight) and
-    the adapter itself (a slice of a fused layer carries its ``offset``)."""
+    the adapter itself (a slice of a fused layer carries its ``offset``). ``gate``: index into the source's
+    ``adapter_gates`` (-1 = ungated); ``learned``: the AutoLoRA gate module of this layer, if any."""
 
     region: int
     strength: float
     adapter: object
+    gate: int = -1
+    learned: object | None = None
+
+
+@dataclass(frozen=True)
+class SlotGate:
+    """How one (region, entry) is gated: its gate index (-1 = none) and learned gates (``LearnedGates``)."""
+
+    index: int = -1
+    learned: object | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +113,10 @@ def _factors(slot: AdapterSlot) -> AdapterFactors:
 
 
 def _is_fast(slot: AdapterSlot) -> bool:
-    return isinstance(slot.adapter, LoRA) and slot.adapter.parameter == WEIGHT
+    return isinstance(slot.adapter, LoRA) and slot.adapter.parameter == WEIGHT and slot.learned is None
+
+
+_GATED_CACHE_LIMIT = 256
 
 
 class RegionalLinearMixin:
@@ -91,9 +124,12 @@ class RegionalLinearMixin:
 
     loom_module: str
     loom_stream: str
+    loom_block: BlockRef
     loom_source: TokenWeights
     loom_fast: _Fast | None
     loom_exact: tuple[AdapterSlot, ...]
+    loom_learned: tuple[AdapterSlot, ...]
+    loom_gated: bool
     loom_cache: dict
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: D401 - nn.Module API
@@ -103,13 +139,52 @@ class RegionalLinearMixin:
         if weights is None:
             return base
         per_sample = x.ndim == 2 or (x.shape[1] == 1 and weights.shape[1] != 1)
-        if not per_sample and (x.shape[0] != weights.shape[0] or x.shape[1] != weights.shape[1]):
+        if not per_sample and (weights.shape[0] not in (1, x.shape[0]) or weights.shape[1] not in (1, x.shape[1])):
             raise RegionalLayerError(f"{self.loom_module}: input {tuple(x.shape)} does not match the "
                                      f"{self.loom_stream} tokens {tuple(weights.shape[:2])} of this step")
         active = self.loom_source.active_regions()
+        gates = self._gates()
         if per_sample:
-            return self._per_sample(x if x.ndim == 3 else x[:, None], base, weights, active)
-        return base + self._per_token(x, weights, active).to(base.dtype)
+            return self._per_sample(x if x.ndim == 3 else x[:, None], base, weights, active, gates)
+        delta = self._per_token(x, weights, active, gates)
+        out = base if delta is None else base + delta.to(base.dtype)
+        if self.loom_learned:
+            mix = self._learned_mix(x, base, weights, active, gates)
+            if mix is not None:
+                out = out + mix.to(base.dtype)
+        return out
+
+    def _gates(self) -> Sequence[float] | None:
+        """This call's gate per gate index, or None (ungated layer, or a source without gates)."""
+        if not self.loom_gated:
+            return None
+        provider = getattr(self.loom_source, "adapter_gates", None)
+        return None if provider is None else provider(self.loom_block.block_type, self.loom_block.index)
+
+    @staticmethod
+    def _strength(slot: AdapterSlot, gates: Sequence[float] | None) -> float:
+        """Static strength times the slot's gate (exactly 0.0 when the gate is off)."""
+        if gates is None or slot.gate < 0:
+            return slot.strength
+        gate = gates[slot.gate]
+        return 0.0 if gate == 0.0 else slot.strength * gate
+
+    def _gated_fast(self, fast: _Fast, active: frozenset[int], gates: Sequence[float],
+                    device: torch.device) -> tuple[torch.Tensor, object]:
+        """Gated strengths ``[n]`` on ``device`` and the active selection, cached per distinct gate values."""
+        slots = self.loom_cache["fast_slots"]
+        strengths = tuple(self._strength(s, gates) for s in slots)
+        key = (active, strengths, str(device))
+        cache = self.loom_cache.setdefault("gated", {})
+        cached = cache.get(key)
+        if cached is None:
+            chosen = [i for i, (s, value) in enumerate(zip(slots, strengths)) if s.region in active and value != 0.0]
+            cached = (torch.tensor(strengths, dtype=torch.float32).to(device),
+                      select_active(fast.stacked, adapter_index=chosen))
+            if len(cache) >= _GATED_CACHE_LIMIT:
+                cache.clear()
+            cache[key] = cached
+        return cached
 
     def _fast_on(self, device: torch.device, dtype: torch.dtype) -> _Fast:
         key = ("fast", str(device), dtype)
@@ -136,32 +211,82 @@ class RegionalLinearMixin:
         """``[B, L, N_regions]`` -> ``[B, L, n_factors]``: each factor's region weight times its strength."""
         return weights.index_select(-1, regions.to(weights.device)) * strengths.to(weights.device)
 
-    def _per_token(self, x: torch.Tensor, weights: torch.Tensor, active: frozenset[int]) -> torch.Tensor:
+    def _per_token(self, x: torch.Tensor, weights: torch.Tensor, active: frozenset[int],
+                   gates: Sequence[float] | None = None) -> torch.Tensor | None:
+        """Sum of the stacked and exact slots' deltas ``[B, L, C_out]``, or None when none acts."""
         out = None
         if self.loom_fast is not None:
             fast = self._fast_on(x.device, x.dtype)
-            scale = self._token_scale(weights, fast.regions, fast.strengths)
-            out = masked_multi_lora(x, fast.stacked, scale, self._active_factors(fast, active, x.device))
+            if gates is None:
+                strengths, chosen = fast.strengths, self._active_factors(fast, active, x.device)
+            else:
+                strengths, chosen = self._gated_fast(fast, active, gates, x.device)
+            if chosen.adapter_index:
+                scale = self._token_scale(weights, fast.regions, strengths)
+                out = masked_multi_lora(x, fast.stacked, scale, chosen)
         for slot in self.loom_exact:
-            if slot.region not in active or slot.strength == 0.0:
+            strength = self._strength(slot, gates)
+            if slot.region not in active or strength == 0.0:
                 continue
             y = self._exact_delta(slot, x)
-            scale = (weights[..., slot.region:slot.region + 1] * slot.strength).to(y.dtype)
+            scale = (weights[..., slot.region:slot.region + 1] * strength).to(y.dtype)
             out = self._place(out, x, y * scale, slot)
-        return out if out is not None else x.new_zeros(())
+        return out
 
     def _per_sample(self, v: torch.Tensor, base: torch.Tensor, weights: torch.Tensor,
-                    active: frozenset[int]) -> torch.Tensor:
+                    active: frozenset[int], gates: Sequence[float] | None = None) -> torch.Tensor:
         """Modulation: ``v [B, 1, C_in]``, ``base [B, 1, O]`` -> ``[B, L, O]`` with a per-token adapter mix."""
-        slots = [s for s in self._all_slots() if s.region in active and s.strength != 0.0]
-        if not slots:
+        slots = [s for s in self._all_slots() if s.learned is None and s.region in active
+                 and self._strength(s, gates) != 0.0]
+        mix = self._learned_mix(v, base, weights, active, gates) if self.loom_learned else None
+        if not slots and mix is None:
             return base
         out = base.expand(base.shape[0], weights.shape[1], base.shape[-1])
         for s in slots:  # slot by slot, not one einsum: a zero weight adds an exact zero (bit-exact isolation)
             delta = self._place(None, v, self._exact_delta(s, v), s, base.shape[-1])  # [B, 1, O]
-            scale = (weights[..., s.region:s.region + 1] * s.strength).to(delta.dtype)  # [B, L, 1]
+            scale = (weights[..., s.region:s.region + 1] * self._strength(s, gates)).to(delta.dtype)  # [B, L, 1]
             out = out + (scale * delta).to(base.dtype)
-        return out
+        return out if mix is None else out + mix.to(base.dtype)
+
+    def _learned_on(self, gate: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The learned gate with parameters on ``device`` (the module itself when already there)."""
+        first = next(gate.parameters())
+        if first.device == device:
+            return gate
+        key = ("learned", id(gate), str(device))
+        moved = self.loom_cache.get(key)
+        if moved is None:
+            moved = copy.deepcopy(gate).to(device)
+            self.loom_cache[key] = moved
+        return moved
+
+    def _learned_mix(self, x: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, active: frozenset[int],
+                     gates: Sequence[float] | None) -> torch.Tensor | None:
+        """AutoLoRA: ``Σ_i w_out ⊙ g_i ⊙ Δ_i`` over the learned slots that act (float32), where
+        ``Δ_i = token weight · strength · gate · bypass_i(x)`` is full width ``[B, L, C_out]`` and
+        ``g_i = σ(w_b⊙LN(o) + w_l⊙LN(Δ_i) + w_c⊙LN(o)⊙LN(Δ_i) + b)``; one gate module per layer and checkpoint."""
+        groups: dict[int, tuple[torch.nn.Module, list[torch.Tensor]]] = {}
+        width = int(base.shape[-1])
+        for slot in self.loom_learned:
+            strength = self._strength(slot, gates)
+            if slot.region not in active or strength == 0.0:
+                continue
+            a = slot.adapter
+            y = a.bypass_delta(x) if isinstance(a, LoRA) else self._exact_delta(slot, x)
+            y = self._place(None, x, y.to(x.dtype), slot, width)
+            scale = weights[..., slot.region:slot.region + 1].float() * strength
+            groups.setdefault(id(slot.learned), (slot.learned, []))[1].append(y.float() * scale)
+        if not groups:
+            return None
+        mix = None
+        for gate, deltas in groups.values():
+            shape = torch.broadcast_shapes(base.shape, *(d.shape for d in deltas))
+            stacked = torch.stack([d.expand(shape) for d in deltas])  # [N, B, L, C_out]
+            module = self._learned_on(gate, x.device)
+            o = base.expand(shape)
+            part = (module.weight_out * module.gates(o, stacked) * stacked).sum(dim=0)
+            mix = part if mix is None else mix + part
+        return mix
 
     def _all_slots(self) -> tuple[AdapterSlot, ...]:
         return self.loom_cache["slots"]
@@ -199,7 +324,9 @@ def _regional_class(base_cls: type) -> type:
 
 def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot, ...],
                 source: TokenWeights) -> torch.nn.Module:
-    """A regional copy of ``original`` (sharing its Parameters) that adds the slots' adapters per token."""
+    """A regional copy of ``original`` (sharing its Parameters) that adds the slots' adapters per token.
+
+    ``source`` may also implement :class:`TokenGates`; only then do slots with ``gate >= 0`` change over time."""
     if not hasattr(original, "weight") or getattr(original, "weight") is None or original.weight.ndim != 2:
         raise RegionalLayerError(f"{module}: only Linear layers can carry regional adapters, got "
                                  f"{type(original).__name__}")
@@ -212,7 +339,13 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
         state[name] = type(state[name])(state[name])
     wrapper.__dict__.update(state)
     fast = tuple(s for s in slots if _is_fast(s))
-    exact = tuple(s for s in slots if not _is_fast(s))
+    exact = tuple(s for s in slots if not _is_fast(s) and s.learned is None)
+    learned = tuple(s for s in slots if s.learned is not None)
+    for s in learned:
+        channels = getattr(s.learned, "channels", None)
+        if channels != int(original.weight.shape[0]):
+            raise RegionalLayerError(f"{module}: the learned gate has {channels} channels, the layer has "
+                                     f"{int(original.weight.shape[0])} outputs (a gate checkpoint for another model?)")
     loom_fast = None
     if fast:
         stacked = stack_lora([_factors(s) for s in fast], int(original.weight.shape[0]))
@@ -221,25 +354,33 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
     object.__setattr__(wrapper, "loom_module", module)
     object.__setattr__(wrapper, "loom_stream", stream)
     object.__setattr__(wrapper, "loom_source", source)
+    object.__setattr__(wrapper, "loom_block", block_of_module(module))
     object.__setattr__(wrapper, "loom_fast", loom_fast)
     object.__setattr__(wrapper, "loom_exact", exact)
-    object.__setattr__(wrapper, "loom_cache", {"slots": tuple(slots)})
+    object.__setattr__(wrapper, "loom_learned", learned)
+    object.__setattr__(wrapper, "loom_gated", any(s.gate >= 0 for s in slots))
+    object.__setattr__(wrapper, "loom_cache", {"slots": tuple(slots), "fast_slots": fast})
     return wrapper
 
 
-def layer_slots(entries_by_region: list[list[tuple[float, Callable[[str], float], object]]]) -> dict[str, list[AdapterSlot]]:
+def layer_slots(entries_by_region: list[list[tuple[float, Callable[[str], float], object]]],
+                gates_by_region: list[list[SlotGate]] | None = None) -> dict[str, list[AdapterSlot]]:
     """Group adapters by module: ``entries_by_region[k]`` lists ``(strength, block_weight(module), adapter_set)``
-    for region k. Returns module -> slots; adapters on non-weight/bias parameters (RMSNorm scales) are left out
-    (see :func:`unsupported_modules`)."""
+    for region k; ``gates_by_region[k][j]`` (optional) gates entry j of region k. Returns module -> slots;
+    adapters on non-weight/bias parameters (RMSNorm scales) are left out (see :func:`unsupported_modules`).
+    A learned gate applies where its checkpoint has a gate for the module; elsewhere the slot is plain."""
     by_module: dict[str, list[AdapterSlot]] = {}
     for region, entries in enumerate(entries_by_region):
-        for strength, block_weight, adapter_set in entries:
+        for number, (strength, block_weight, adapter_set) in enumerate(entries):
+            gate = gates_by_region[region][number] if gates_by_region is not None else SlotGate()
             for module, adapters in adapter_set.adapters.items():
+                learned = gate.learned.gate_for(module) if gate.learned is not None else None
                 for a in adapters:
                     if a.parameter not in (WEIGHT, BIAS) or stream_of_module(module) is None:
                         continue
                     by_module.setdefault(module, []).append(
-                        AdapterSlot(region=region, strength=float(strength * block_weight(module)), adapter=a))
+                        AdapterSlot(region=region, strength=float(strength * block_weight(module)), adapter=a,
+                                    gate=gate.index, learned=learned))
     return by_module
 
 

@@ -1,17 +1,27 @@
-"""``Loom LoRA Stack``'s one function: rows (+ an incoming LORA_STACK) -> loaded entries -> merged patches."""
+"""``Loom LoRA Stack``'s one function: rows (+ an incoming LORA_STACK) -> loaded entries -> merged patches, or
+per-token gated layers (``gated.py``) when the rows carry gates or a per-token mode is chosen.
+
+Modes: ``auto`` (merged unless a gate is attached), ``merged`` (ComfyUI's weight patches; gates refused, as
+merged weights cannot change during sampling), ``gated``, ``switch``, ``composite`` (see ``gated.py``). CLIP
+parts are merged into CLIP in every mode (the text encoder runs once, so a gate over sampling has no meaning
+there)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
+from ..adapter_gate import AdapterGate, attach_gates
+from ..gates import GateError
 from ..loading import load_adapter_set
 from ..stack import StackEntry, StackRow, parse_rows, rows_from_lora_stack, to_lora_stack, trigger_words
+from .gated import MODES, GatedOptions, install_gated
 from .merged import apply_merged
 
 logger = logging.getLogger(__name__)
 
 Resolver = Callable[[str, "str | None"], str]
+STACK_MODES = ("auto", "merged", *MODES)
 
 
 @dataclass(frozen=True)
@@ -36,12 +46,31 @@ def load_entries(rows: list[StackRow], resolve: Resolver) -> list[StackEntry]:
     return entries
 
 
-def apply_stack(model, clip, rows_json: str, incoming: list | None, resolve: Resolver) -> StackResult:
-    """Apply the incoming LORA_STACK rows first, then this node's rows, merged into clones of model/clip."""
+def stack_mode(mode: str, entries: Sequence[StackEntry]) -> str:
+    """The mode actually used: ``auto`` -> ``gated`` when any row has a gate, else ``merged``."""
+    if mode not in STACK_MODES:
+        raise GateError(f"Loom LoRA Stack: mode {mode!r} is not one of {STACK_MODES}")
+    gated = [e.row.lora for e in entries if e.gate is not None]
+    if mode == "auto":
+        return "gated" if gated else "merged"
+    if mode == "merged" and gated:
+        raise GateError(f"Loom LoRA Stack: rows {gated} have gates, which change strength during sampling; merged "
+                        "weights cannot (choose mode 'gated', 'switch', 'composite' or 'auto')")
+    return mode
+
+
+def apply_stack(model, clip, rows_json: str, incoming: list | None, resolve: Resolver,
+                gates: Sequence[AdapterGate] | None = None, mode: str = "auto",
+                switch_every: int = 1) -> StackResult:
+    """Apply the incoming LORA_STACK rows first, then this node's rows, to clones of model/clip: merged, or per
+    token with ``gates`` attached to their rows by name (``entries`` carry the gates to regions too)."""
     incoming_rows = rows_from_lora_stack(incoming)
     rows = incoming_rows + parse_rows(rows_json)
-    entries = load_entries(rows, resolve)
+    entries = list(attach_gates(load_entries(rows, resolve), gates))
+    chosen = stack_mode(mode, entries)
     merged = apply_merged(model, clip, entries)
+    if chosen != "merged" and entries:
+        merged = replace(merged, model=install_gated(model, entries, GatedOptions(chosen, switch_every)).model)
     words: dict[str, None] = {}
     for e in entries:
         for w in e.trigger_words:

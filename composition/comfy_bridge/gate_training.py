@@ -1,0 +1,92 @@
+"""Train AutoLoRA learned gates on a ComfyUI Flux model with the gated stack in place.
+
+The gates sit inside the wrapped layers of a gated clone (``gated.py``); only their parameters train, the
+model and the LoRAs stay frozen. One step is :func:`~..learned_gate.gate_training_step`: rectified-flow
+matching plus a hinge that asks the prediction under a mismatched prompt to be worse by a margin. The
+velocity comes from ComfyUI's ``BaseModel.apply_model`` (which returns the denoised latent ``x0̂``) as
+``v = (x_σ - x0̂) / σ``, so the clone's wrappers and object patches act exactly as in sampling.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+import comfy.patcher_extension
+
+from ..adapter_gate import AdapterGate
+from ..learned_gate import GateTrainingReport, LearnedGate, LearnedGates, gate_training_step
+from ..stack import StackEntry
+from .gated import GatedOptions, install_gated
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateBatch:
+    """Training data: clean latents ``[B, 16, H, W]``, text ``[B, T, C]`` and pooled ``y [B, C_y]``, and a
+    mismatched text of the same shape (another caption) for the hinge (None = flow loss only)."""
+
+    clean: torch.Tensor
+    context: torch.Tensor
+    pooled: torch.Tensor
+    mismatched: torch.Tensor | None = None
+
+
+def fresh_gates(model: object, modules: Sequence[str]) -> LearnedGates:
+    """New gates (``g = 0.5``, ``w_out = 2``: plain LoRA sum at start) for ``modules`` of a ComfyUI model."""
+    gates = {}
+    for module in modules:
+        layer = model.get_model_object(f"diffusion_model.{module}")
+        gates[module] = LearnedGate(int(layer.weight.shape[0]))
+    return LearnedGates(gates)
+
+
+def train_learned_gates(model: object, entries: Sequence[StackEntry], gates: LearnedGates, batch: GateBatch,
+                        steps: int = 20, lr: float = 1e-2, guidance: float = 3.5, seed: int = 0,
+                        resample: bool = True) -> list[GateTrainingReport]:
+    """Train ``gates`` (in place) for ``entries`` on ``model``; one report per step. Noise and sigmas in
+    (0.05, 0.95) are drawn from ``seed``: anew each step, or once (``resample=False``, to overfit one sample)."""
+    gated = tuple(replace(e, gate=AdapterGate(lora=e.row.lora, learned=gates, learned_source="training"))
+                  for e in entries)
+    clone = install_gated(model, gated, GatedOptions("gated")).model
+    for parameter in gates.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    clone.patch_model()
+    try:
+        options = comfy.patcher_extension.copy_nested_dicts(clone.model_options.get("transformer_options", {}))
+        comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), clone.wrappers,
+                                                   copy_dict1=False)
+        options["cond_or_uncond"] = [0]
+        size = batch.clean.shape[0]
+        guide = torch.full((size,), guidance)
+
+        def predict(latent: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            denoised = clone.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=options,
+                                               y=batch.pooled, guidance=guide)
+            return (latent - denoised) / sigma.reshape(-1, 1, 1, 1)
+
+        reports = []
+        noise = torch.randn(batch.clean.shape, generator=generator)
+        sigma = 0.05 + 0.9 * torch.rand(size, generator=generator)
+        for number in range(steps):
+            if resample and number:
+                noise = torch.randn(batch.clean.shape, generator=generator)
+                sigma = 0.05 + 0.9 * torch.rand(size, generator=generator)
+            report = gate_training_step(predict, optimizer, batch.clean, noise, sigma, batch.context,
+                                        batch.mismatched)
+            logger.debug("gate training step %d: loss %.5f (flow %.5f, hinge %.5f)", number, report.loss,
+                         report.flow_loss, report.hinge_loss)
+            reports.append(report)
+        return reports
+    finally:
+        clone.unpatch_model()
+        for parameter in gates.parameters():
+            parameter.requires_grad_(False)
+
+
+__all__ = ["GateBatch", "fresh_gates", "train_learned_gates"]
