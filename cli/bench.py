@@ -33,11 +33,13 @@ def register_library(group: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_library)
 
 
-BENCHMARKS = (register_library,)
+from .bench_perf import register_perf  # noqa: E402  (loom bench perf)
+
+BENCHMARKS = (register_library, register_perf)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("bench", help="benchmarks (loom bench library)")
+    p = commands.add_parser("bench", help="benchmarks (loom bench library | perf)")
     group = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in BENCHMARKS:
         add(group)

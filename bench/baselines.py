@@ -1,0 +1,223 @@
+"""The methods a benchmark row compares, each set up the way its users run it, as (model, positive CONDITIONING).
+
+* ``base`` — the model alone; ``merged`` — every LoRA merged through ComfyUI's patch system (``apply_merged``);
+* ``regional`` — Loom regional composition (per-token adapters + grouped attention rules, one pass);
+* ``dense_per_head`` — the same composition with the global-patch peers' attention layout: a dense mask
+  materialised per head, ``[B, H, L, L]``, rebuilt at every attention call (what replacing Flux's attention globally
+  with a masked one costs);
+* ``hooks`` — ComfyUI core hook LoRAs with masks, built with ComfyUI's *real* hook nodes: ``CreateHookLora``
+  (chained per region) and ``ConditioningSetProperties`` (mask + hooks) from ``comfy_extras/nodes_hooks.py``;
+  ComfyUI's sampler then runs one pass per hook group and blends the predictions by mask;
+* ``composite`` — LoRA Composite (Zhong et al.): one pass per LoRA, predictions averaged, expressed with the same
+  hook nodes (one unmasked conditioning per LoRA; ComfyUI averages equal-strength conds).
+
+LoRA files for the hook nodes are written as ComfyUI-format safetensors into a folder registered under ``loras``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+import folder_paths
+from comfy_extras.nodes_hooks import ConditioningSetProperties, CreateHookLora
+
+from ..composition.adapters import LoRA
+from ..composition.comfy_bridge.merged import apply_merged
+from ..composition.comfy_bridge.regional import (ComposedRegion, ComposeOptions, EncodedPrompts, RegionalComposition,
+                                                 build_plan, install)
+from ..composition.plan import Region, TextSpans
+from ..composition.stack import StackEntry
+
+logger = logging.getLogger(__name__)
+
+PEER_METHODS = ("hooks", "dense_per_head", "composite")
+
+
+class BaselineError(ValueError):
+    """A baseline cannot be built from what was given; the message names the method and field."""
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    """What one method samples with: ``model`` (a ModelPatcher clone), ``positive`` CONDITIONING, ``passes`` per
+    step, and the regional ``composition`` when there is one."""
+
+    method: str
+    model: Any
+    positive: list
+    passes: int
+    composition: Any = None
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Prompts and layout shared by every method of one row: ``global_context [1, T, C]``, ``region_contexts``
+    (one ``[1, T, C]`` each), ``pooled [1, V]``, region boxes ``(x0, y0, x1, y1)`` as fractions, and the
+    adapters each region paints."""
+
+    global_context: torch.Tensor
+    region_contexts: tuple[torch.Tensor, ...]
+    pooled: torch.Tensor
+    boxes: tuple[tuple[float, float, float, float], ...]
+    painters: tuple[tuple[StackEntry, ...], ...]
+
+
+def strip_boxes(n_regions: int) -> tuple[tuple[float, float, float, float], ...]:
+    """``n_regions`` vertical strips of equal width covering the image."""
+    return tuple((k / n_regions, 0.0, (k + 1) / n_regions, 1.0) for k in range(n_regions))
+
+
+def make_scene(entries: Sequence[StackEntry], n_regions: int, prompt_tokens: int, context_dim: int, vec_dim: int,
+               seed: int = 1) -> Scene:
+    """Random prompts; adapter ``i`` paints region ``i % n_regions`` (as ``run_compose_bench`` does)."""
+    if n_regions < 1 or not entries:
+        raise BaselineError(f"scene: need >= 1 region and >= 1 adapter, got {n_regions} and {len(entries)}")
+    gen = torch.Generator().manual_seed(seed)
+    contexts = [torch.randn(1, prompt_tokens, context_dim, generator=gen) for _ in range(1 + n_regions)]
+    painters = tuple(tuple(e for i, e in enumerate(entries) if i % n_regions == k) for k in range(n_regions))
+    return Scene(contexts[0], tuple(contexts[1:]), torch.randn(1, vec_dim, generator=gen), strip_boxes(n_regions),
+                 painters)
+
+
+def _cond(context: torch.Tensor, pooled: torch.Tensor) -> list:
+    return [[context, {"pooled_output": pooled, "guidance": 3.5}]]
+
+
+def base_setup(patcher: Any, scene: Scene) -> MethodSetup:
+    return MethodSetup("base", patcher.clone(), _cond(scene.global_context, scene.pooled), 1)
+
+
+def merged_setup(patcher: Any, scene: Scene) -> MethodSetup:
+    entries = [e for group in scene.painters for e in group]
+    return MethodSetup("merged", apply_merged(patcher, None, entries).model, _cond(scene.global_context, scene.pooled), 1)
+
+
+def regional_setup(patcher: Any, scene: Scene, attention_path: str = "grouped", method: str = "regional",
+                   options: ComposeOptions | None = None) -> MethodSetup:
+    """Loom regional composition with its rules active for the whole run (``end_percent=1``)."""
+    regions = [ComposedRegion(Region(prompt=f"region {k}", box=box), scene.painters[k])
+               for k, box in enumerate(scene.boxes)]
+    lengths = [int(c.shape[1]) for c in scene.region_contexts]
+    spans = TextSpans.from_lengths(int(scene.global_context.shape[1]), lengths)
+    context = torch.cat([scene.global_context, *scene.region_contexts], dim=1)
+    prompts = EncodedPrompts(context, {"pooled_output": scene.pooled}, spans,
+                             tuple(tuple(range(s.start, s.end)) for s in spans.region_spans))
+    options = options or ComposeOptions(latent_reinit=False, attention_path=attention_path, end_percent=1.0)
+    patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
+    composition = RegionalComposition(build_plan("bench", regions, options), prompts, options, patch)
+    model, _ = install(patcher, composition, regions)
+    return MethodSetup(method, model, _cond(context, scene.pooled), 1, composition)
+
+
+class PerHeadMaskAttention:
+    """An ``optimized_attention_override`` that turns every broadcast mask ``[1, 1, L, L]`` into a materialised
+    per-head ``[B, H, L, L]`` copy, rebuilt at each call — the memory layout of peers that patch attention globally."""
+
+    def __init__(self, previous: Callable | None = None) -> None:
+        self.previous = previous
+        self.calls = 0
+
+    def __deepcopy__(self, memo: dict) -> "PerHeadMaskAttention":
+        return self
+
+    def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        mask = kwargs.get("mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4 and q.ndim == 4:
+            kwargs = {**kwargs, "mask": mask.expand(q.shape[0], q.shape[1], *mask.shape[-2:]).clone()}
+            self.calls += 1
+        if self.previous is not None:
+            return self.previous(func, q, k, v, heads, *args, **kwargs)
+        return func(q, k, v, heads, *args, **kwargs)
+
+
+def dense_per_head_setup(patcher: Any, scene: Scene) -> MethodSetup:
+    """Regional composition on the dense path, with a per-head mask materialised downstream of its rules."""
+    clone = patcher.clone()
+    options = clone.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = PerHeadMaskAttention(options.get("optimized_attention_override"))
+    return regional_setup(clone, scene, attention_path="dense", method="dense_per_head")
+
+
+def lora_state_dict(entry: StackEntry) -> dict[str, torch.Tensor]:
+    """One bench LoRA as a ComfyUI-format file: ``diffusion_model.<module>.lora_up/lora_down.weight`` + ``alpha``."""
+    out: dict[str, torch.Tensor] = {}
+    for module, adapters in entry.adapter_set.adapters.items():
+        for a in adapters:
+            if not isinstance(a, LoRA) or a.offset is not None or a.mid is not None:
+                raise BaselineError(f"hooks: {entry.path}: {module} is not a plain LoRA; hook files need plain LoRAs")
+            out[f"diffusion_model.{module}.lora_up.weight"] = a.up.contiguous()
+            out[f"diffusion_model.{module}.lora_down.weight"] = a.down.contiguous()
+            out[f"diffusion_model.{module}.alpha"] = torch.tensor(float(a.alpha if a.alpha is not None
+                                                                        else a.down.shape[0]))
+    return out
+
+
+def write_hook_loras(entries: Sequence[StackEntry], folder: Path) -> dict[str, str]:
+    """Write each entry as ``<name>.safetensors`` in ``folder`` and register it under ComfyUI's ``loras``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for entry in entries:
+        name = f"{entry.path}.safetensors"
+        if not (folder / name).exists():
+            save_file(lora_state_dict(entry), str(folder / name))
+        names[entry.path] = name
+    folder_paths.add_model_folder_path("loras", str(folder))
+    return names
+
+
+def _hooks_for(entries: Sequence[StackEntry], names: dict[str, str], strength: Callable[[StackEntry], float]) -> Any:
+    hooks = None
+    node = CreateHookLora()
+    for entry in entries:
+        (hooks,) = node.create_hook(lora_name=names[entry.path], strength_model=strength(entry), strength_clip=0.0,
+                                    prev_hooks=hooks)
+    return hooks
+
+
+def region_mask(box: tuple[float, float, float, float], height: int, width: int) -> torch.Tensor:
+    """A hard ``[1, H, W]`` MASK covering ``box`` (fractions), at latent resolution (ComfyUI resizes it anyway)."""
+    mask = torch.zeros(1, height, width)
+    x0, y0, x1, y1 = box
+    mask[:, round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = 1.0
+    return mask
+
+
+def hooks_setup(patcher: Any, scene: Scene, folder: Path, latent_hw: tuple[int, int]) -> MethodSetup:
+    """ComfyUI hook LoRAs with masks: per region ``CreateHookLora`` (its painters, chained) then
+    ``ConditioningSetProperties(mask, hooks)`` on the region prompt; the conds are combined (a list concat, as
+    ``ConditioningCombine``). One pass per hook group per step."""
+    names = write_hook_loras([e for group in scene.painters for e in group], folder)
+    positive: list = []
+    setter = ConditioningSetProperties()
+    for k, (box, painters) in enumerate(zip(scene.boxes, scene.painters)):
+        hooks = _hooks_for(painters, names, lambda e: e.row.strength)
+        (cond,) = setter.set_properties(cond_NEW=_cond(scene.region_contexts[k], scene.pooled), strength=1.0,
+                                        set_cond_area="default", mask=region_mask(box, *latent_hw), hooks=hooks)
+        positive += cond
+    return MethodSetup("hooks", patcher.clone(), positive, len(scene.boxes))
+
+
+def composite_setup(patcher: Any, scene: Scene, folder: Path) -> MethodSetup:
+    """LoRA Composite: one unmasked conditioning per LoRA (full strength, its own hook group), averaged by
+    ComfyUI's cond blending — ``mean_i model_{W + ΔW_i}(x, global prompt)``. One pass per LoRA per step."""
+    entries = [e for group in scene.painters for e in group]
+    names = write_hook_loras(entries, folder)
+    positive: list = []
+    setter = ConditioningSetProperties()
+    for entry in entries:
+        hooks = _hooks_for([entry], names, lambda e: 1.0)
+        (cond,) = setter.set_properties(cond_NEW=_cond(scene.global_context, scene.pooled), strength=1.0,
+                                        set_cond_area="default", mask=None, hooks=hooks)
+        positive += cond
+    return MethodSetup("composite", patcher.clone(), positive, len(entries))
+
+
+__all__ = ["BaselineError", "MethodSetup", "PEER_METHODS", "PerHeadMaskAttention", "Scene", "base_setup",
+           "composite_setup", "dense_per_head_setup", "hooks_setup", "lora_state_dict", "make_scene", "merged_setup",
+           "region_mask", "regional_setup", "strip_boxes", "write_hook_loras"]

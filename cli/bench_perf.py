@@ -1,0 +1,83 @@
+"""``loom bench perf``: per-step time and peak memory of every composition method against its FLOP limit.
+
+Registered into the ``bench`` group by :func:`register_perf` (``cli/bench.py`` lists it in ``BENCHMARKS``).
+Needs ComfyUI (found like ``loom doctor`` does). Prints the table, writes ``perf.csv`` and ``perf.png`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+FULL_SWEEP = dict(adapters=(1, 2, 4, 8, 16), regions=(1, 2, 3, 4), resolutions=(512, 768, 1024))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers like '1,2,4', got {text!r}") from exc
+
+
+def run_perf_command(args: argparse.Namespace) -> int:
+    from .comfy_env import find_comfyui, import_comfy
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    import_comfy(find_comfyui(args.comfyui), cpu=not on_gpu, base_directory=tempfile.mkdtemp(prefix="loom-perf-"))
+
+    from ..bench.perf import METHODS, PerfConfig, run_perf
+    from ..bench.plot import plot_rows
+    from ..bench.report import check_goals, format_goals, format_table, write_csv
+
+    model = args.model or ("flux-dev" if on_gpu else "small")
+    sweep = dict(FULL_SWEEP) if args.full else {}
+    for name in ("adapters", "regions", "resolutions"):
+        if getattr(args, name) is not None:
+            sweep[name] = getattr(args, name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = PerfConfig(model=model, rank=args.rank, prompt_tokens=args.prompt_tokens, steps=args.steps,
+                        repeats=args.repeats, methods=tuple(args.methods or METHODS), dtype=args.dtype,
+                        memory=not args.no_memory, **sweep)
+    rows = run_perf(config, progress=lambda r: logger.info("%s", r))
+    device = rows[0].device if rows else "?"
+    title = f"loom bench perf: model {model}, device {device}, rank {args.rank}, {args.prompt_tokens} text tokens"
+    sys.stdout.write(format_table(rows, title) + "\n")
+    sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
+    out = Path(args.out)
+    write_csv(rows, out / "perf.csv")
+    plot_rows(rows, out / "perf.png")
+    sys.stdout.write(f"wrote {out / 'perf.csv'} and {out / 'perf.png'}\n")
+    missed = [g for g in check_goals(rows, on_gpu) if g.met is False]
+    return 1 if missed and args.strict else 0
+
+
+def register_perf(group: argparse._SubParsersAction) -> None:
+    """Add ``perf`` to the ``loom bench`` group."""
+    p = group.add_parser("perf", help="per-step time and peak memory: base, merged, regional, gates, CLoRA and "
+                                      "the peers' approaches (hook LoRAs, dense per-head masks, LoRA Composite)")
+    p.add_argument("--model", choices=("small", "demo", "flux-dev"),
+                   help="random-weight Flux preset (default: flux-dev on a GPU, small on the CPU)")
+    p.add_argument("--adapters", type=_ints, help="adapter counts (default 1,4; --full: 1,2,4,8,16)")
+    p.add_argument("--regions", type=_ints, help="region counts (default 1,4; --full: 1,2,3,4)")
+    p.add_argument("--resolutions", type=_ints, help="square image sizes in pixels (default 256; --full: 512,768,1024)")
+    p.add_argument("--full", action="store_true", help="the issue's full sweep")
+    p.add_argument("--methods", nargs="+", help="subset of methods to run")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens per prompt (default 77, CLIP-L)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps per method and repeat (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per cell (default 3)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
+    p.add_argument("--out", default="bench-perf", help="folder for perf.csv and perf.png (default ./bench-perf)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    p.set_defaults(run=run_perf_command)
