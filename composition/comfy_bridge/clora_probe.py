@@ -212,6 +212,12 @@ def checkpointed_blocks(transformer_options: dict, n_double: int, last: tuple[st
     return options
 
 
+def _copying_contexts() -> tuple[InferenceTensorCopies, InferenceTensorCopies]:
+    """Forward and recomputation of a checkpointed block both copy inference tensors (the backward runs outside
+    the gradient scope's mode)."""
+    return InferenceTensorCopies(), InferenceTensorCopies()
+
+
 def _checkpointed(previous: Callable | None, block_type: str, index: int, is_last: bool) -> Callable:
     def patch(args: dict, extra: dict) -> dict:
         original = extra["original_block"]
@@ -224,7 +230,7 @@ def _checkpointed(previous: Callable | None, block_type: str, index: int, is_las
                 return previous(block_args, {**extra, "original_block": original})
             return original(block_args)
 
-        out = torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+        out = torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False, context_fn=_copying_contexts)
         if is_last:
             raise StopForward(f"{block_type} block {index}")
         return out
