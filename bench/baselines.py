@@ -16,20 +16,26 @@ LoRA files for the hook nodes are written as ComfyUI-format safetensors into a f
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
-from safetensors.torch import save_file
+from typing import Any
 
 import folder_paths
+import torch
 from comfy_extras.nodes_hooks import ConditioningSetProperties, CreateHookLora
+from safetensors.torch import save_file
 
 from ..composition.adapters import LoRA
 from ..composition.comfy_bridge.merged import apply_merged
-from ..composition.comfy_bridge.regional import (ComposedRegion, ComposeOptions, EncodedPrompts, RegionalComposition,
-                                                 build_plan, install)
+from ..composition.comfy_bridge.regional import (
+    ComposedRegion,
+    ComposeOptions,
+    EncodedPrompts,
+    RegionalComposition,
+    build_plan,
+    install,
+)
 from ..composition.plan import Region, TextSpans
 from ..composition.stack import StackEntry
 
@@ -122,7 +128,7 @@ class PerHeadMaskAttention:
         self.previous = previous
         self.calls = 0
 
-    def __deepcopy__(self, memo: dict) -> "PerHeadMaskAttention":
+    def __deepcopy__(self, memo: dict) -> PerHeadMaskAttention:
         return self
 
     def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -218,6 +224,21 @@ def composite_setup(patcher: Any, scene: Scene, folder: Path) -> MethodSetup:
     return MethodSetup("composite", patcher.clone(), positive, len(entries))
 
 
-__all__ = ["BaselineError", "MethodSetup", "PEER_METHODS", "PerHeadMaskAttention", "Scene", "base_setup",
-           "composite_setup", "dense_per_head_setup", "hooks_setup", "lora_state_dict", "make_scene", "merged_setup",
-           "region_mask", "regional_setup", "strip_boxes", "write_hook_loras"]
+__all__ = [
+    "PEER_METHODS",
+    "BaselineError",
+    "MethodSetup",
+    "PerHeadMaskAttention",
+    "Scene",
+    "base_setup",
+    "composite_setup",
+    "dense_per_head_setup",
+    "hooks_setup",
+    "lora_state_dict",
+    "make_scene",
+    "merged_setup",
+    "region_mask",
+    "regional_setup",
+    "strip_boxes",
+    "write_hook_loras",
+]

@@ -47,7 +47,7 @@ class FluxShape:
     def mlp(self) -> int:
         return int(self.hidden * self.mlp_ratio)
 
-    def validate(self) -> "FluxShape":
+    def validate(self) -> FluxShape:
         for name in ("hidden", "heads", "in_channels", "patch_size", "context_dim", "vec_dim"):
             if getattr(self, name) <= 0:
                 raise FlopModelError(f"FluxShape.{name}: must be positive, got {getattr(self, name)}")
@@ -130,10 +130,10 @@ class StepFlops:
     def total(self) -> float:
         return self.linear + self.attention + self.adapters
 
-    def __add__(self, other: "StepFlops") -> "StepFlops":
+    def __add__(self, other: StepFlops) -> StepFlops:
         return StepFlops(self.linear + other.linear, self.attention + other.attention, self.adapters + other.adapters)
 
-    def scaled(self, factor: float) -> "StepFlops":
+    def scaled(self, factor: float) -> StepFlops:
         return StepFlops(self.linear * factor, self.attention * factor, self.adapters * factor)
 
 
@@ -239,7 +239,24 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
     return MethodWork(method, flops, flops.total / merged.total, passes)
 
 
-__all__ = ["BlockLinear", "DEMO_FLUX", "FLUX_DEV", "FlopModelError", "FluxShape", "MethodWork", "SHAPES",
-           "SMALL_FLUX", "StepFlops", "Workload", "adapter_flops", "attention_flops", "base_flops",
-           "double_block_linears", "linear_flops", "lora_flops", "method_flops", "single_block_linears",
-           "workload_for"]
+__all__ = [
+    "DEMO_FLUX",
+    "FLUX_DEV",
+    "SHAPES",
+    "SMALL_FLUX",
+    "BlockLinear",
+    "FlopModelError",
+    "FluxShape",
+    "MethodWork",
+    "StepFlops",
+    "Workload",
+    "adapter_flops",
+    "attention_flops",
+    "base_flops",
+    "double_block_linears",
+    "linear_flops",
+    "lora_flops",
+    "method_flops",
+    "single_block_linears",
+    "workload_for",
+]

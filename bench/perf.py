@@ -5,30 +5,31 @@ groups, wrappers and attention overrides all run as in a workflow. Each method s
 between consecutive step callbacks is one step (set-up, model loading and the first step are excluded). Methods are
 interleaved ``repeats`` times within a row and the median of all their steps is kept, so a shared or busy machine
 slows every method alike and the ratios (vs the merged-LoRA step of the same row) compare like with like.
-Peak memory is measured on a separate one-step run (:mod:`.memory`). Each row carries the FLOP limit
+Peak memory is measured on a separate two-step run after a warm-up (:mod:`.memory`). Each row carries the FLOP limit
 (:mod:`.flops`): a ratio reads against it.
 """
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import Any
 
 import comfy.model_management
 import comfy.samplers
+import torch
 
 from ..composition.comfy_bridge.bench_compose import bench_model, random_adapters
-from ..composition.regional import active_rules
+from ..composition.regional import active_rules, allowed_groups, base_allowed
 from ..kernels.joint_attention import grouped_layout
 from . import baselines
-from .flops import SHAPES, FluxShape, method_flops
+from .flops import FluxShape, method_flops
 from .memory import measure_peak
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class PerfConfig:
     memory: bool = True
     device: str | None = None
 
-    def validate(self) -> "PerfConfig":
+    def validate(self) -> PerfConfig:
         if self.model not in MODELS:
             raise PerfError(f"model: {self.model!r} is not one of {sorted(MODELS)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -143,7 +144,7 @@ def sample_steps(setup: baselines.MethodSetup, latent: torch.Tensor, steps: int,
     with torch.inference_mode():
         guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, callback=callback,
                       disable_pbar=True, seed=seed)
-    return [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:])]
+    return [(b - a) * 1000.0 for a, b in itertools.pairwise(stamps)]
 
 
 def _external(method: str) -> Callable[[Any, baselines.Scene], baselines.MethodSetup] | None:
@@ -181,13 +182,12 @@ def attention_pairs(setup: baselines.MethodSetup, image_tokens: int) -> tuple[fl
     if composition is None:
         return None, None
     plan = composition.plan
-    from ..composition.comfy_bridge.regional_attention import RegionalAttention
-
-    side = int(round(image_tokens ** 0.5)) * composition.patch_size
+    side = round(image_tokens ** 0.5) * composition.patch_size
     layout = composition.layout_for(side, side, 1, 1, 0, (True,), torch.device("cpu"))
     labels = layout.chunks[0][1]
     rules = active_rules(plan, "double", 0, 0.0)
-    regional, base = RegionalAttention(composition)._rules(rules)
+    regional = allowed_groups(plan, rules)
+    base = base_allowed(plan, regional)
 
     def pairs(allowed: torch.Tensor) -> float:
         lay = grouped_layout(labels, allowed, "cpu")
@@ -215,11 +215,10 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
         else:
             setups[method] = built
     peaks: dict[str, float] = {}
-    for method, setup in setups.items():  # warm-up (and the memory probe): patches, caches, layouts built
+    for method, setup in setups.items():
+        sample_steps(setup, latent, 2)  # warm-up: weights patched and loaded, caches and layouts built
         if config.memory:
             peaks[method] = measure_peak(lambda s=setup: sample_steps(s, latent, 2), device).peak_mib
-        else:
-            sample_steps(setup, latent, 2)
     timings = {m: _Timing() for m in setups}
     for repeat in range(config.repeats):
         for method, setup in setups.items():
@@ -268,11 +267,6 @@ def run_perf(config: PerfConfig, patcher: Any = None, progress: Callable[[PerfRo
                         if progress is not None:
                             progress(row)
     return rows
-
-
-def shape_of(model: str) -> FluxShape:
-    """The FLOP-model shape of a preset (for tables without a run)."""
-    return SHAPES[model]
 
 
 __all__ = ["EXTERNAL_METHODS", "METHODS", "MODELS", "PerfConfig", "PerfError", "PerfRow", "attention_pairs",

@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Goal:
 
 def _value(row: Any, name: str) -> Any:
     if name == "efficiency":
-        ratio, limit = getattr(row, "ratio"), getattr(row, "limit")
+        ratio, limit = row.ratio, row.limit
         return limit / ratio if ratio and not math.isnan(ratio) and not math.isnan(limit) else float("nan")
     return getattr(row, name)
 

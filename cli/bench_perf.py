@@ -24,9 +24,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def run_perf_command(args: argparse.Namespace) -> int:
-    from .comfy_env import find_comfyui, import_comfy
-
     import torch
+
+    from .comfy_env import find_comfyui, import_comfy
 
     on_gpu = torch.cuda.is_available() and not args.cpu
     import_comfy(find_comfyui(args.comfyui), cpu=not on_gpu, base_directory=tempfile.mkdtemp(prefix="loom-perf-"))

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from .multi_lora import ActiveAdapters, MultiLoRAError, StackedLoRA, masked_multi_lora, select_active
+from .multi_lora import (
+    ActiveAdapters,
+    MultiLoRAError,
+    StackedLoRA,
+    masked_multi_lora,
+    select_active,
+)
 
 logger = logging.getLogger(__name__)
 

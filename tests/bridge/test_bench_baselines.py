@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy.samplers
 import pytest
 import torch
-
-import comfy.samplers
 from comfy_models import tiny_flux
 from lora_loom.bench import baselines
 from lora_loom.bench.memory import measure_peak
@@ -90,7 +89,7 @@ def test_regional_fast_path_memory_grows_linearly_without_lxl(patcher) -> None:
     extra, dense_extra, lengths = [], [], []
     for hw in ((32, 32), (64, 64)):
         latent = torch.zeros(1, 16, *hw)
-        peak = {name: measure_peak(lambda s=setup: sample_steps(s, latent, 2), "cpu").peak_bytes
+        peak = {name: measure_peak(lambda s=setup, x=latent: sample_steps(s, x, 2), "cpu").peak_bytes
                 for name, setup in (("merged", baselines.merged_setup(patcher, scene)),
                                     ("regional", baselines.regional_setup(patcher, scene)),
                                     ("dense", baselines.dense_per_head_setup(patcher, scene)))}

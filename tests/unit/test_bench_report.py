@@ -7,10 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from lora_loom.bench.plot import plot_rows
-from lora_loom.bench.report import check_goals, format_goals, format_markdown, format_table, write_csv
+from lora_loom.bench.report import (
+    check_goals,
+    format_goals,
+    format_markdown,
+    format_table,
+    write_csv,
+)
+from PIL import Image
 
 
 @dataclass(frozen=True)

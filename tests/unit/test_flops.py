@@ -3,11 +3,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_loom.bench.flops import (
+    DEMO_FLUX,
+    FLUX_DEV,
+    SMALL_FLUX,
+    FlopModelError,
+    FluxShape,
+    Workload,
+    adapter_flops,
+    attention_flops,
+    base_flops,
+    double_block_linears,
+    lora_flops,
+    method_flops,
+    single_block_linears,
+    workload_for,
+)
 from torch.utils.flop_counter import FlopCounterMode
-
-from lora_loom.bench.flops import (DEMO_FLUX, FLUX_DEV, SMALL_FLUX, FlopModelError, FluxShape, Workload,
-                                   adapter_flops, attention_flops, base_flops, double_block_linears, lora_flops,
-                                   method_flops, single_block_linears, workload_for)
 
 TINY = FluxShape(hidden=32, heads=2, depth=2, depth_single=3, context_dim=24, vec_dim=16)
 
