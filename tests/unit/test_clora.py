@@ -144,3 +144,47 @@ def test_token_override(text, expected):
 def test_bad_token_override(text):
     with pytest.raises(ConceptTokenError, match="token indices"):
         parse_token_override(text, [START, 1, 2, 3, END], SPECIAL)
+
+
+# --- LoRA-Composer refinement losses -----------------------------------------------------------------------
+from lora_loom.composition.refine import (Box, RefineOptions, enhancement_loss, fill_loss, gaussian_smooth, refinement_step_sizes,
+                                          region_loss, should_stop)
+
+BOX = Box(top=1, left=1, bottom=4, right=4)
+
+
+def test_smoothing_keeps_shape_and_mass_of_a_flat_map():
+    flat = torch.ones(2, 6, 6)
+    assert torch.allclose(gaussian_smooth(flat), flat)
+
+
+def test_enhancement_is_zero_when_attention_fills_the_box_and_high_when_it_is_elsewhere():
+    whole = Box(0, 0, 6, 6)
+    assert float(enhancement_loss(torch.ones(1, 6, 6), whole)) < 1e-6
+    elsewhere = torch.zeros(1, 6, 6)
+    elsewhere[0, 5, 5] = 1.0
+    assert float(enhancement_loss(elsewhere, BOX)) > 7.0
+
+
+def test_fill_loss_is_zero_for_a_map_equal_to_the_box():
+    assert float(fill_loss(BOX.mask(6, 6)[None], BOX)) == 0.0
+    assert float(fill_loss(Box(0, 0, 1, 1).mask(6, 6)[None], BOX)) > 0.0
+
+
+def test_region_loss_counts_only_keys_outside_the_region():
+    region = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    inside_only = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    leaking = torch.tensor([[0.2, 0.2, 0.6, 0.0]])
+    assert float(region_loss(inside_only, region)) == 0.0
+    top2 = RefineOptions(region_top_k=2)
+    assert float(region_loss(leaking, region, top2)) == pytest.approx(10 * 0.6 / 2)  # the two outside keys
+
+
+@pytest.mark.parametrize("step, losses, stop", [(3, [1.0, 2.0], False), (6, [1.0, 2.0], True),
+                                                (6, [2.0, 1.0], False), (25, [2.0, 1.0], True)])
+def test_stop_rule(step, losses, stop):
+    assert should_stop(step, losses) == stop
+
+
+def test_refinement_schedule():
+    assert refinement_step_sizes(2) == pytest.approx([20.0, 20 * 0.5 ** 0.5])
