@@ -8,6 +8,8 @@
 * ``hooks`` — ComfyUI core hook LoRAs with masks, built with ComfyUI's *real* hook nodes: ``CreateHookLora``
   (chained per region) and ``ConditioningSetProperties`` (mask + hooks) from ``comfy_extras/nodes_hooks.py``;
   ComfyUI's sampler then runs one pass per hook group and blends the predictions by mask;
+* ``gates`` — Loom gated LoRA stack (per-token adapters on the whole canvas, gates in the layers, one pass);
+* ``clora`` — Loom CLoRA (1 + N passes batched, attention probes, masked fusion; latent updates early on);
 * ``composite`` — LoRA Composite (Zhong et al.): one pass per LoRA, predictions averaged, expressed with the same
   hook nodes (one unmasked conditioning per LoRA; ComfyUI averages equal-strength conds).
 
@@ -150,6 +152,40 @@ def dense_per_head_setup(patcher: Any, scene: Scene) -> MethodSetup:
     return regional_setup(clone, scene, attention_path="dense", method="dense_per_head")
 
 
+def gates_setup(patcher: Any, scene: Scene) -> MethodSetup:
+    """Loom gated LoRA stack (mode ``gated``): every adapter per token on the whole canvas, gates evaluated in the
+    layers, global prompt; one pass."""
+    from ..composition.comfy_bridge.gated import GatedOptions, install_gated
+
+    entries = [e for group in scene.painters for e in group]
+    result = install_gated(patcher, entries, GatedOptions(mode="gated"))
+    return MethodSetup("gates", result.model, _cond(scene.global_context, scene.pooled), 1)
+
+
+def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
+    """Loom CLoRA with its default options: one concept per adapter (concept token ``1 + i`` of the global prompt
+    and of adapter i's own prompt, the region prompt of its region), 1 + N passes per step."""
+    from ..composition.clora import CLoraOptions
+    from ..composition.comfy_bridge.clora import (
+        CLoraComposition,
+        CLoraConcept,
+        EncodedPrompt,
+        install_clora,
+    )
+
+    entries = [e for group in scene.painters for e in group]
+    n = len(entries)
+    region_of = {e.path: k for k, group in enumerate(scene.painters) for e in group}
+    base = EncodedPrompt("bench", scene.global_context, scene.pooled, {i: (1 + i,) for i in range(n)})
+    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", scene.region_contexts[region_of[e.path]], scene.pooled,
+                                            {i: (1 + i,)}) for i, e in enumerate(entries))
+    concepts = [CLoraConcept("bench", f"c{i}", (e,)) for i, e in enumerate(entries)]
+    patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
+    composition = CLoraComposition(concepts, prompts, CLoraOptions(), patch)
+    model, _ = install_clora(patcher, composition)
+    return MethodSetup("clora", model, _cond(scene.global_context, scene.pooled), 1 + n, composition)
+
+
 def lora_state_dict(entry: StackEntry) -> dict[str, torch.Tensor]:
     """One bench LoRA as a ComfyUI-format file: ``diffusion_model.<module>.lora_up/lora_down.weight`` + ``alpha``."""
     out: dict[str, torch.Tensor] = {}
@@ -224,21 +260,6 @@ def composite_setup(patcher: Any, scene: Scene, folder: Path) -> MethodSetup:
     return MethodSetup("composite", patcher.clone(), positive, len(entries))
 
 
-__all__ = [
-    "PEER_METHODS",
-    "BaselineError",
-    "MethodSetup",
-    "PerHeadMaskAttention",
-    "Scene",
-    "base_setup",
-    "composite_setup",
-    "dense_per_head_setup",
-    "hooks_setup",
-    "lora_state_dict",
-    "make_scene",
-    "merged_setup",
-    "region_mask",
-    "regional_setup",
-    "strip_boxes",
-    "write_hook_loras",
-]
+__all__ = ["PEER_METHODS", "BaselineError", "MethodSetup", "PerHeadMaskAttention", "Scene", "base_setup",
+           "clora_setup", "composite_setup", "dense_per_head_setup", "gates_setup", "hooks_setup", "lora_state_dict",
+           "make_scene", "merged_setup", "region_mask", "regional_setup", "strip_boxes", "write_hook_loras"]

@@ -239,24 +239,7 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
     return MethodWork(method, flops, flops.total / merged.total, passes)
 
 
-__all__ = [
-    "DEMO_FLUX",
-    "FLUX_DEV",
-    "SHAPES",
-    "SMALL_FLUX",
-    "BlockLinear",
-    "FlopModelError",
-    "FluxShape",
-    "MethodWork",
-    "StepFlops",
-    "Workload",
-    "adapter_flops",
-    "attention_flops",
-    "base_flops",
-    "double_block_linears",
-    "linear_flops",
-    "lora_flops",
-    "method_flops",
-    "single_block_linears",
-    "workload_for",
-]
+__all__ = ["DEMO_FLUX", "FLUX_DEV", "SHAPES", "SMALL_FLUX", "BlockLinear", "FlopModelError", "FluxShape",
+           "MethodWork", "StepFlops", "Workload", "adapter_flops", "attention_flops", "base_flops",
+           "double_block_linears", "linear_flops", "lora_flops", "method_flops", "single_block_linears",
+           "workload_for"]

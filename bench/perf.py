@@ -170,10 +170,12 @@ def build_setup(method: str, patcher: Any, scene: baselines.Scene, folder: Path,
         return baselines.hooks_setup(patcher, scene, folder, latent_hw)
     if method == "composite":
         return baselines.composite_setup(patcher, scene, folder)
-    builder = _external(method)
-    if builder is None:
-        return f"{method}: {EXTERNAL_METHODS[method]}.bench_setup not available in this build"
-    return builder(patcher, scene)
+    builder = _external(method) or {"gates": baselines.gates_setup, "clora": baselines.clora_setup}[method]
+    try:
+        return builder(patcher, scene)
+    except (ImportError, TypeError, AttributeError) as exc:  # a sibling module of another version
+        logger.warning("perf: %s is not available: %s", method, exc)
+        return f"{method}: not available in this build ({type(exc).__name__}: {exc})"
 
 
 def attention_pairs(setup: baselines.MethodSetup, image_tokens: int) -> tuple[float | None, float | None]:

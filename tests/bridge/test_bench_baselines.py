@@ -103,3 +103,20 @@ def test_regional_fast_path_memory_grows_linearly_without_lxl(patcher) -> None:
     assert extra[-1] < per_head_lxl / 2, seen
     assert 0 < extra[1] < extra[0] * (lengths[1] / lengths[0]) * 1.5, seen  # measured: 3.6x for 3.8x the tokens
     assert dense_extra[1] > dense_extra[0] * (lengths[1] / lengths[0]) * 2, seen  # measured: 11.8x
+
+
+def test_gates_without_schedules_equal_merged(patcher) -> None:
+    """The gated stack with no gate schedule applies every row per token at its strength: the merged prediction."""
+    scene = _scene(patcher, adapters=3, regions=1)
+    gates = baselines.gates_setup(patcher, scene)
+    assert gates.passes == 1
+    torch.testing.assert_close(denoised(gates), denoised(baselines.merged_setup(patcher, scene)), rtol=1e-4, atol=1e-5)
+
+
+def test_clora_runs_one_plus_n_passes(patcher) -> None:
+    scene = _scene(patcher, adapters=2, regions=2)
+    clora = baselines.clora_setup(patcher, scene)
+    assert clora.passes == 3
+    got = denoised(clora)
+    assert torch.isfinite(got).all()
+    assert not torch.allclose(got, denoised(baselines.base_setup(patcher, scene)), atol=1e-3)
