@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loomdev.demo_loras import place_demo_loras
 from loomdev.server import ComfyServer, prepare_workspace
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -37,8 +38,9 @@ def object_info(comfy_server) -> dict:
 
 @pytest.fixture()
 def loras_dir(workspace: Path) -> Path:
-    """The server's loras folder (cleared of test files after each test)."""
+    """The server's loras folder (cleared of test files after each test; the demo LoRAs stay)."""
     folder = workspace / "models" / "loras"
     yield folder
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
+    place_demo_loras(folder)
