@@ -5,6 +5,11 @@ model and the LoRAs stay frozen. One step is :func:`~..learned_gate.gate_trainin
 matching plus a hinge that asks the prediction under a mismatched prompt to be worse by a margin. The
 velocity comes from ComfyUI's ``BaseModel.apply_model`` (which returns the denoised latent ``x0̂``) as
 ``v = (x_σ - x0̂) / σ``, so the clone's wrappers and object patches act exactly as in sampling.
+
+ComfyUI's Flux blocks add to their residual streams in place (``img += ...``) after a LayerNorm saved them,
+which autograd refuses. During training every block therefore runs through a replace patch that copies its
+inputs and runs it under ``torch.utils.checkpoint`` (non-reentrant): nothing inside a block is kept for
+backward, the block is recomputed then (about one extra forward per step), and its inputs stay untouched.
 """
 from __future__ import annotations
 
@@ -12,14 +17,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from typing import Any
+
 import torch
+import torch.utils.checkpoint
 
 import comfy.patcher_extension
 
 from ..adapter_gate import AdapterGate
 from ..learned_gate import GateTrainingReport, LearnedGate, LearnedGates, gate_training_step
 from ..stack import StackEntry
-from .gated import GatedOptions, install_gated
+from .gated import GatedOptions, GatedStack, install_gated
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,33 @@ def fresh_gates(model: object, modules: Sequence[str]) -> LearnedGates:
     return LearnedGates(gates)
 
 
+def _checkpointed_block(source: GatedStack, module: torch.nn.Module, double: bool) -> Any:
+    """A ``patches_replace["dit"]`` block running ``module`` (the block itself: ComfyUI's ``original_block``
+    closes over its loop variable, so a later recomputation would run the last block) on copied inputs under
+    checkpoint; the recomputation (during backward, after the model call) sees the forward's gate state."""
+
+    def block(args: dict, extra: dict) -> dict:
+        state = source.current
+        options = dict(args.get("transformer_options") or {})
+
+        def run(inputs: dict) -> dict:
+            previous, source.current = source.current, state
+            try:
+                copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                if double:
+                    img, txt = module(img=copy["img"], txt=copy["txt"], vec=copy["vec"], pe=copy["pe"],
+                                      attn_mask=copy.get("attn_mask"), transformer_options=options)
+                    return {"img": img, "txt": txt}
+                return {"img": module(copy["img"], vec=copy["vec"], pe=copy["pe"], attn_mask=copy.get("attn_mask"),
+                                      transformer_options=options)}
+            finally:
+                source.current = previous
+
+        return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+
+    return block
+
+
 def train_learned_gates(model: object, entries: Sequence[StackEntry], gates: LearnedGates, batch: GateBatch,
                         steps: int = 20, lr: float = 1e-2, guidance: float = 3.5, seed: int = 0,
                         resample: bool = True) -> list[GateTrainingReport]:
@@ -51,7 +86,13 @@ def train_learned_gates(model: object, entries: Sequence[StackEntry], gates: Lea
     (0.05, 0.95) are drawn from ``seed``: anew each step, or once (``resample=False``, to overfit one sample)."""
     gated = tuple(replace(e, gate=AdapterGate(lora=e.row.lora, learned=gates, learned_source="training"))
                   for e in entries)
-    clone = install_gated(model, gated, GatedOptions("gated")).model
+    result = install_gated(model, gated, GatedOptions("gated"))
+    clone = result.model
+    diffusion = clone.get_model_object("diffusion_model")
+    for kind, blocks in (("double_block", diffusion.double_blocks), ("single_block", diffusion.single_blocks)):
+        for index, module in enumerate(blocks):
+            clone.set_model_patch_replace(_checkpointed_block(result.gates, module, kind == "double_block"),
+                                          "dit", kind, index)
     for parameter in gates.parameters():
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(gates.parameters(), lr=lr)
