@@ -51,7 +51,7 @@ class CLoraOptions:
     map_size: int = 32
     map_blocks: str = "all-double"
 
-    def validate(self) -> "CLoraOptions":
+    def validate(self) -> CLoraOptions:
         if not self.temperature > 0:
             raise CLoraError(f"clora.temperature: must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

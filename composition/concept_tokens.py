@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 logger = logging.getLogger(__name__)
 

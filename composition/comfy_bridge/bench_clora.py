@@ -16,12 +16,12 @@ import logging
 import statistics
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import Any
 
 import comfy.patcher_extension
+import torch
 
 from ..clora import CLoraOptions
 from .bench_compose import bench_model, random_adapters

@@ -24,17 +24,32 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import comfy.patcher_extension
 import torch
 
-import comfy.patcher_extension
-
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
-from ..clora import (CLoraError, CLoraOptions, concept_masks, contrastive_loss, fuse_predictions, resize_masks,
-                     step_sizes)
+from ..clora import (
+    CLoraError,
+    CLoraOptions,
+    concept_masks,
+    contrastive_loss,
+    fuse_predictions,
+    resize_masks,
+    step_sizes,
+)
 from ..gates import sigma_to_percent, step_of_sigma
 from ..stack import StackEntry
-from .clora_probe import (ConceptProbe, ProbeAttention, ProbeLayout, StopForward, checkpointed_blocks,
-                          gradient_scope, parse_probe_blocks, plain_copy, probe_stride)
+from .clora_probe import (
+    ConceptProbe,
+    ProbeAttention,
+    ProbeLayout,
+    StopForward,
+    checkpointed_blocks,
+    gradient_scope,
+    parse_probe_blocks,
+    plain_copy,
+    probe_stride,
+)
 from .clora_tokens import context_key, find_concept
 from .regional_layers import layer_slots, unsupported_modules, wrap_linear
 
@@ -132,7 +147,7 @@ class CLoraComposition:
         self._masks: torch.Tensor | None = None
         self._percents: dict[float, float] = {}
 
-    def __deepcopy__(self, memo: dict) -> "CLoraComposition":
+    def __deepcopy__(self, memo: dict) -> CLoraComposition:
         return self
 
     # --- TokenWeights ----------------------------------------------------------------------------------------
@@ -279,7 +294,7 @@ class CLoraComposition:
         return torch.cat(fused)
 
     def _gradient_call(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, control: Any,
-                       options: dict, kwargs: dict, gradient: "GradientRequest", batch: int) -> torch.Tensor:
+                       options: dict, kwargs: dict, gradient: GradientRequest, batch: int) -> torch.Tensor:
         """The probing forward of a latent update: cond passes only, stopped after the last probed block."""
         diffusion = executor.class_obj.diffusion_model
         last = self.blocks.last(len(diffusion.double_blocks), len(diffusion.single_blocks))
@@ -369,7 +384,7 @@ class GradientRequest:
     rows: list = field(default_factory=list)
     probe: ConceptProbe | None = None
 
-    def __deepcopy__(self, memo: dict) -> "GradientRequest":
+    def __deepcopy__(self, memo: dict) -> GradientRequest:
         return self
 
 

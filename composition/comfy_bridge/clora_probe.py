@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -181,7 +182,7 @@ class ProbeAttention:
         self.composition = composition
         self.previous = previous
 
-    def __deepcopy__(self, memo: dict) -> "ProbeAttention":
+    def __deepcopy__(self, memo: dict) -> ProbeAttention:
         return self
 
     def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,

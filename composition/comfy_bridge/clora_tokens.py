@@ -13,8 +13,14 @@ from typing import Any
 
 import comfy.sd1_clip
 
-from ..concept_tokens import (ConceptTokenError, PromptWord, concept_positions, parse_token_override, split_words,
-                              word_token_positions)
+from ..concept_tokens import (
+    ConceptTokenError,
+    PromptWord,
+    concept_positions,
+    parse_token_override,
+    split_words,
+    word_token_positions,
+)
 
 logger = logging.getLogger(__name__)
 

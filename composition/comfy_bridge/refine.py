@@ -15,14 +15,20 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 import comfy.patcher_extension
+import torch
 
 from ...kernels.probes import attention_probabilities, text_to_image_maps
 from ..gates import step_of_sigma
-from ..refine import (Box, RefineOptions, enhancement_loss, fill_loss, refinement_step_sizes, region_loss,
-                      should_stop)
+from ..refine import (
+    Box,
+    RefineOptions,
+    enhancement_loss,
+    fill_loss,
+    refinement_step_sizes,
+    region_loss,
+    should_stop,
+)
 from .clora_probe import StopForward, checkpointed_blocks, gradient_scope, plain_copy
 from .regional import CallState, ComposedRegion, ComposeOptions, ComposeResult, compose
 from .reinit import token_boxes
@@ -84,7 +90,7 @@ class RefineWrapper:
         self.losses: list[float] = []
         self.stopped = False
 
-    def __deepcopy__(self, memo: dict) -> "RefineWrapper":
+    def __deepcopy__(self, memo: dict) -> RefineWrapper:
         return self
 
     def __call__(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor, model_options: dict,

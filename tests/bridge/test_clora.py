@@ -6,24 +6,27 @@ import copy
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.sd1_clip
 import comfy.text_encoders.flux
-
+import pytest
+import torch
 from comfy_models import tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
-from test_regional_mechanism import apply_model, entry, flux_modules, lora_set
 from lora_loom.composition.clora import CLoraError, CLoraOptions, map_overlap
-from lora_loom.composition.comfy_bridge.clora import CLoraComposition, CLoraConcept, EncodedPrompt, install_clora
+from lora_loom.composition.comfy_bridge.clora import (
+    CLoraComposition,
+    CLoraConcept,
+    EncodedPrompt,
+    install_clora,
+)
 from lora_loom.composition.comfy_bridge.clora_masks import clora_masks
 from lora_loom.composition.comfy_bridge.clora_tokens import find_concept, sd_tokenizer
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.concept_tokens import ConceptTokenError
+from test_regional_mechanism import apply_model, entry, flux_modules, lora_set
 
 T, CONTEXT, POOLED = 8, 48, 32
 NO_UPDATES = dict(iterations=0)

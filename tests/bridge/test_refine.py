@@ -6,19 +6,30 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
-
+import torch
 from comfy_models import tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
-from test_regional_mechanism import LEFT, RIGHT, box_region, entry, flux_modules, lora_set, prompts
 from lora_loom.composition.comfy_bridge.refine import WRAPPER_KEY, RefineWrapper
-from lora_loom.composition.comfy_bridge.regional import ComposeOptions, RegionalComposition, build_plan, install
+from lora_loom.composition.comfy_bridge.regional import (
+    ComposeOptions,
+    RegionalComposition,
+    build_plan,
+    install,
+)
 from lora_loom.composition.refine import RefineOptions
+from test_regional_mechanism import (
+    LEFT,
+    RIGHT,
+    box_region,
+    entry,
+    flux_modules,
+    lora_set,
+    prompts,
+)
 
 
 def composed(flux, refine: bool):

@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lora_loom.composition.clora import (CLoraError, CLoraOptions, concept_masks, contrastive_loss,
-                                         fuse_predictions, map_overlap, morphology, normalise_maps, step_sizes)
-from lora_loom.composition.concept_tokens import (ConceptTokenError, PromptWord, concept_positions,
-                                                  parse_token_override, word_token_positions)
+from lora_loom.composition.clora import (
+    CLoraError,
+    CLoraOptions,
+    concept_masks,
+    contrastive_loss,
+    fuse_predictions,
+    map_overlap,
+    morphology,
+    normalise_maps,
+    step_sizes,
+)
+from lora_loom.composition.concept_tokens import (
+    ConceptTokenError,
+    PromptWord,
+    concept_positions,
+    parse_token_override,
+    word_token_positions,
+)
 
 
 def blob(h: int, w: int, row: int, col: int, radius: float = 1.5) -> torch.Tensor:
@@ -147,8 +160,16 @@ def test_bad_token_override(text):
 
 
 # --- LoRA-Composer refinement losses -----------------------------------------------------------------------
-from lora_loom.composition.refine import (Box, RefineOptions, enhancement_loss, fill_loss, gaussian_smooth, refinement_step_sizes,
-                                          region_loss, should_stop)
+from lora_loom.composition.refine import (
+    Box,
+    RefineOptions,
+    enhancement_loss,
+    fill_loss,
+    gaussian_smooth,
+    refinement_step_sizes,
+    region_loss,
+    should_stop,
+)
 
 BOX = Box(top=1, left=1, bottom=4, right=4)
 
