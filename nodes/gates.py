@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..composition.comfy_bridge.gate_nodes import (gate_checkpoint_names, gate_plot, import_prompt, learned_gate,
-                                                   schedule_gate)
+from ..composition.comfy_bridge.gate_nodes import (
+    gate_checkpoint_names,
+    gate_plot,
+    import_prompt,
+    learned_gate,
+    schedule_gate,
+)
 from ..composition.gates import INTERPOLATIONS
 
 LoomGate = io.Custom("LOOM_GATE")  # tuple[AdapterGate, ...]: gates for Loom LoRA Stack rows, by LoRA name

@@ -16,8 +16,9 @@ All rows come from one run in one process, so the ratios compare like with like.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -105,4 +106,4 @@ def run_gates_bench(model: Any = None, adapter_counts: Sequence[int] = (1, 2, 4)
     return rows
 
 
-__all__ = ["GateBenchRow", "VARIANTS", "run_gates_bench"]
+__all__ = ["VARIANTS", "GateBenchRow", "run_gates_bench"]

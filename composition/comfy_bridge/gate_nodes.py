@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import folder_paths
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-
-import folder_paths
 
 from ..adapter_gate import AdapterGate, parse_keyframes, schedule_samples
 from ..block_weights import BlockWeights, parse_block_weights
@@ -135,7 +134,7 @@ def gate_plot(gates: Sequence[AdapterGate], steps: int, width: int = 320, height
     low = min([0.0, *(v for row in values for v in row)])
     left, right, upper, lower = 28, width - 8, 16, height - 30
     draw.rectangle((left, upper, right, lower), outline=(90, 90, 90))
-    y_of = lambda v: lower - (v - low) / (top - low or 1.0) * (lower - upper)  # noqa: E731
+    y_of = lambda v: lower - (v - low) / (top - low or 1.0) * (lower - upper)
     draw.line((left, y_of(0.0), right, y_of(0.0)), fill=(70, 70, 70))
     draw.text((2, upper - 6), f"{top:g}", fill=(170, 170, 170), font=font)
     draw.text((2, y_of(0.0) - 6), "0", fill=(170, 170, 170), font=font)

@@ -16,16 +16,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-
 from typing import Any
 
+import comfy.patcher_extension
 import torch
 import torch.utils.checkpoint
 
-import comfy.patcher_extension
-
 from ..adapter_gate import AdapterGate
-from ..learned_gate import GateTrainingReport, LearnedGate, LearnedGates, gate_training_step
+from ..learned_gate import (
+    GateTrainingReport,
+    LearnedGate,
+    LearnedGates,
+    gate_training_step,
+)
 from ..stack import StackEntry
 from .gated import GatedOptions, GatedStack, install_gated
 

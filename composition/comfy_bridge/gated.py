@@ -18,16 +18,22 @@ Every wrapper and object patch lives on a clone; the input MODEL is untouched an
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
-
-import torch
+from typing import Any
 
 import comfy.patcher_extension
+import torch
 
 from ..adapter_gate import GateBook
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
-from ..gates import GateError, LoRASwitch, composite_average, sigma_to_percent, step_of_sigma
+from ..gates import (
+    GateError,
+    LoRASwitch,
+    composite_average,
+    sigma_to_percent,
+    step_of_sigma,
+)
 from ..stack import StackEntry
 from .regional_layers import SlotGate, layer_slots, unsupported_modules, wrap_linear
 
@@ -201,4 +207,4 @@ def install_gated(model: Any, entries: Sequence[StackEntry], options: GatedOptio
     return GatedResult(clone, source, tuple(skipped))
 
 
-__all__ = ["GatedCall", "GatedOptions", "GatedResult", "GatedStack", "MODES", "WRAPPER_KEY", "install_gated"]
+__all__ = ["MODES", "WRAPPER_KEY", "GatedCall", "GatedOptions", "GatedResult", "GatedStack", "install_gated"]

@@ -23,10 +23,11 @@ layers then keep their ``[B, 1, O]`` shape).
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 import copy
-from typing import Callable, Protocol, Sequence
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 

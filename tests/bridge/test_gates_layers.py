@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from comfy_models import flux_inputs, tiny_flux
 from lora_loom.composition.adapter_gate import AdapterGate
 from lora_loom.composition.block_weights import parse_block_weights
@@ -20,11 +19,21 @@ from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.comfy_bridge.regional import CallState, ComposeOptions
 from lora_loom.composition.comfy_bridge.regional_layers import RegionalLinearMixin
 from lora_loom.composition.gates import GateSchedule, Keyframe
-from lora_loom.composition.learned_gate import load_learned_gates, write_synthetic_checkpoint
+from lora_loom.composition.learned_gate import (
+    load_learned_gates,
+    write_synthetic_checkpoint,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
-from test_regional_mechanism import (apply_model, box_region, compose_clone, entry, flux_modules,  # noqa: E402
-                                     lora_set, prompts)
+from test_regional_mechanism import (
+    apply_model,
+    box_region,
+    compose_clone,
+    entry,
+    flux_modules,
+    lora_set,
+    prompts,
+)
 
 SIGMA = 0.6
 

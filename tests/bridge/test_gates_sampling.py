@@ -8,22 +8,24 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-
+import pytest
+import torch
 from comfy_models import flux_inputs, tiny_flux
 from lora_loom.composition.adapter_gate import AdapterGate, parse_keyframes
-from lora_loom.composition.comfy_bridge.gate_training import GateBatch, fresh_gates, train_learned_gates
+from lora_loom.composition.comfy_bridge.gate_training import (
+    GateBatch,
+    fresh_gates,
+    train_learned_gates,
+)
 from lora_loom.composition.comfy_bridge.gated import GatedOptions, install_gated
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.gates import GateSchedule, flux_sigma_to_percent
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
-from test_regional_mechanism import apply_model, entry, flux_modules, lora_set  # noqa: E402
+from test_regional_mechanism import apply_model, entry, flux_modules, lora_set
 
 STEPS = 4
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from loomdev.fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 from test_regional_workflow import images_of, write_kohya_lora
 

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import pytest
-
-from lora_loom.composition.adapter_gate import (AdapterGate, GateBook, attach_gates, lora_name_matches,
-                                                parse_keyframes, schedule_samples)
+from lora_loom.composition.adapter_gate import (
+    AdapterGate,
+    GateBook,
+    attach_gates,
+    lora_name_matches,
+    parse_keyframes,
+    schedule_samples,
+)
 from lora_loom.composition.adapters import AdapterSet
 from lora_loom.composition.block_weights import parse_block_weights
 from lora_loom.composition.gates import GateError, GateSchedule, Keyframe
