@@ -55,16 +55,16 @@ def stack_rows(lora: str, strength: float = 1.0) -> str:
     return json.dumps([{"lora": lora, "on": True, "strength": strength, "sha256": demo_sha256(lora)}], indent=1)
 
 
-def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefix: str, x: float = 1500,
+def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefix: str, x: float = 2020,
                     width: int = 128, height: int = 128) -> int:
     """Empty latent, KSampler (4 steps, cfg 1), VAE decode and save; returns the latent node."""
-    neg = g.add("CLIPTextEncode", (x - 360, 520), text="")
-    latent = g.add("EmptySD3LatentImage", (x - 360, 720), width=width, height=height, batch_size=1)
+    neg = g.add("CLIPTextEncode", (x - 360, 700), text="")
+    latent = g.add("EmptySD3LatentImage", (x - 360, 920), width=width, height=height, batch_size=1)
     sampler = g.add("KSampler", (x, 40), seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
                     denoise=1.0)
     vae = g.add("VAELoader", (x, 420), vae_name=VAE_FILE)
     decode = g.add("VAEDecode", (x + 360, 40))
-    save = g.add("SaveImage", (x + 600, 40), filename_prefix=prefix)
+    save = g.add("SaveImage", (x + 700, 40), filename_prefix=prefix)
     g.connect(clip, 0, neg, "clip")
     g.connect(model, 0, sampler, "model")
     g.connect(positive, 1 if g.nodes[positive - 1]["type"] == "LoomCompose" else 0, sampler, "positive")
@@ -78,13 +78,14 @@ def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefi
 
 def compose_regions(g: GraphBuilder, unet: int, clip: int, regions: int, prompt: str, prefix: str) -> int:
     """Loom Compose over ``regions``, sampled and saved, plus a Loom Region Preview image; returns Compose."""
-    compose = g.add("LoomCompose", (1080, 40), global_prompt=prompt, rules_end_percent=0.5)
+    compose = g.add("LoomCompose", (1300, 40), global_prompt=prompt, rules_end_percent=0.5)
+    g.nodes[compose - 1]["size"] = [340, 600]
     g.connect(unet, 0, compose, "model")
     g.connect(clip, 0, compose, "clip")
     g.connect(regions, 0, compose, "regions")
     sample_and_save(g, compose, clip, compose, prefix)
-    preview = g.add("LoomRegionPreview", (1080, 900), width=128, height=128)
-    save_preview = g.add("SaveImage", (1440, 900), filename_prefix=prefix + "_regions")
+    preview = g.add("LoomRegionPreview", (2380, 700), width=128, height=128)
+    save_preview = g.add("SaveImage", (2720, 700), filename_prefix=prefix + "_regions")
     g.connect(regions, 0, preview, "regions")
     g.connect(preview, 0, save_preview, "images")
     return compose
@@ -99,9 +100,11 @@ def two_regions(info: dict) -> dict:
     previous = None
     for i, (lora, prompt, box) in enumerate(((RED, "loomred a red fox", (0.0, 0.1, 0.5, 0.9)),
                                              (BLUE, "loomblue a blue bird", (0.5, 0.1, 1.0, 0.9)))):
-        stack = g.add("LoomLoraStack", (340, 40 + 420 * i), title=f"LoRA for region {i + 1}", rows=stack_rows(lora))
-        region = g.add("LoomRegion", (720, 40 + 420 * i), title=f"Region {i + 1}", prompt=prompt,
+        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"LoRA for region {i + 1}", rows=stack_rows(lora))
+        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+        g.nodes[stack - 1]["size"] = [440, 260]
+        g.nodes[region - 1]["size"] = [340, 540]
         g.connect(unet, 0, stack, "model")
         g.connect(stack, 2, region, "adapters")
         if previous is not None:
@@ -119,10 +122,12 @@ def library_compose(info: dict) -> dict:
     previous = None
     for i, (query, prompt, box) in enumerate((("red fox, crimson", "a red fox", (0.0, 0.0, 0.55, 1.0)),
                                               ("blue bird, cobalt", "a blue bird", (0.45, 0.0, 1.0, 1.0)))):
-        search = g.add("LoomLibrarySearch", (340, 40 + 420 * i), title=f"Find a LoRA for region {i + 1}",
+        search = g.add("LoomLibrarySearch", (400, 40 + 600 * i), title=f"Find a LoRA for region {i + 1}",
                        prompt=query, top_k=1, strength=1.0, rescan=False)
-        region = g.add("LoomRegion", (720, 40 + 420 * i), title=f"Region {i + 1}", prompt=prompt,
+        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+        g.nodes[search - 1]["size"] = [340, 400]
+        g.nodes[region - 1]["size"] = [340, 540]
         g.connect(clip, 0, search, "clip")
         g.connect(search, 1, region, "adapters")
         if previous is not None:
@@ -141,9 +146,6 @@ def main() -> int:
     with ComfyServer(prepare_workspace()) as server:
         info = server.get_json("/object_info")
         EXAMPLES.mkdir(exist_ok=True)
-        missing = sorted({"LoomCLoRA", "LoomGateSchedule"} - set(info))
-        if missing:
-            log.info("not on this server (no example for them): %s", ", ".join(missing))
         for name, build in BUILDERS.items():
             (EXAMPLES / name).write_text(json.dumps(build(info), indent=1) + "\n")
             log.info("wrote %s", EXAMPLES / name)

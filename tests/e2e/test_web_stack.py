@@ -53,8 +53,11 @@ def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
         assert editor.count() == 1
         page.locator(".loom-stack-add").click()
         page.wait_for_function("() => document.querySelectorAll('.loom-stack-row').length === 1")
-        page.wait_for_function("() => JSON.parse(window.app.graph._nodes.find(n => n.type === 'LoomLoraStack')"
-                               ".widgets.find(w => w.name === 'rows').value)[0]?.sha256")
+        # the new row takes the first LoRA in the list (a demo LoRA); pick ours in its select
+        page.locator(".loom-stack-row select").select_option("web_test_lora.safetensors")
+        page.wait_for_function("() => { const r = JSON.parse(window.app.graph._nodes.find(n => n.type === "
+                               "'LoomLoraStack').widgets.find(w => w.name === 'rows').value)[0];"
+                               " return r?.lora === 'web_test_lora.safetensors' && r.sha256; }")
         rows = stack_rows(page)
         assert rows == [{"lora": "web_test_lora.safetensors", "on": True, "strength": 1, "sha256": sha256}]
         strength = page.locator(".loom-stack-row input[type=number]").first
