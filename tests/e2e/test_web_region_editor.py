@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from browser import comfy_page, export_workflow, load_workflow
 from test_web_stack import wait_for_new_prompt
 
