@@ -67,7 +67,8 @@ def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefi
     save = g.add("SaveImage", (x + 700, 40), filename_prefix=prefix)
     g.connect(clip, 0, neg, "clip")
     g.connect(model, 0, sampler, "model")
-    g.connect(positive, 1 if g.nodes[positive - 1]["type"] == "LoomCompose" else 0, sampler, "positive")
+    g.connect(positive, 1 if g.nodes[positive - 1]["type"] in ("LoomCompose", "LoomCLora") else 0, sampler,
+              "positive")
     g.connect(neg, 0, sampler, "negative")
     g.connect(latent, 0, sampler, "latent_image")
     g.connect(sampler, 0, decode, "samples")
@@ -137,8 +138,45 @@ def library_compose(info: dict) -> dict:
     return g.workflow()
 
 
+def clora(info: dict) -> dict:
+    """CLoRA without drawn regions: the red and blue demo LoRAs each steered to its concept word, fused with
+    attention masks; Loom CLoRA Masks shows the masks after sampling and feeds them to Loom Compose as regions."""
+    g = GraphBuilder(info)
+    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
+    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
+    base = "a red fox and a blue bird on a lawn"
+    previous = None
+    for i, (lora, prompt, concept) in enumerate(((RED, "loomred a red fox and a blue bird on a lawn", "fox"),
+                                                 (BLUE, "a red fox and loomblue a blue bird on a lawn", "bird"))):
+        stack = g.add("LoomLoraStack", (340, 40 + 420 * i), title=f"LoRA {i + 1}", rows=stack_rows(lora))
+        item = g.add("LoomCLoraConcept", (720, 40 + 420 * i), title=f"Concept {i + 1}", prompt=prompt,
+                     concept=concept)
+        g.connect(unet, 0, stack, "model")
+        g.connect(stack, 2, item, "adapters")
+        if previous is not None:
+            g.connect(previous, 0, item, "concepts")
+        previous = item
+    node = g.add("LoomCLora", (1080, 40), base_prompt=base, update_end_percent=0.5, iterations=1)
+    g.connect(unet, 0, node, "model")
+    g.connect(clip, 0, node, "clip")
+    g.connect(previous, 0, node, "concepts")
+    sample_and_save(g, node, clip, node, "loom_clora")
+    sampler = next(n["id"] for n in g.nodes if n["type"] == "KSampler")
+    masks = g.add("LoomCLoraMasks", (1080, 900))
+    g.connect(node, 2, masks, "clora")
+    g.connect(sampler, 0, masks, "samples")
+    save_preview = g.add("SaveImage", (1440, 900), filename_prefix="loom_clora_masks")
+    g.connect(masks, 1, save_preview, "images")
+    compose = g.add("LoomCompose", (1080, 1300), global_prompt=base, rules_end_percent=0.5, latent_reinit=False)
+    g.connect(unet, 0, compose, "model")
+    g.connect(clip, 0, compose, "clip")
+    g.connect(masks, 2, compose, "regions")
+    sample_and_save(g, compose, clip, compose, "loom_clora_regions", x=2400)
+    return g.workflow()
+
+
 BUILDERS = {"loom_demo.json": demo, "loom_two_regions.json": two_regions,
-            "loom_library_compose.json": library_compose}
+            "loom_library_compose.json": library_compose, "loom_clora.json": clora}
 
 
 def main() -> int:
