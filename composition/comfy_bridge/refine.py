@@ -157,7 +157,7 @@ def compose_refined(model: Any, clip: Any, global_prompt: str, regions: list[Com
                     options: ComposeOptions = ComposeOptions(),
                     refine_options: RefineOptions = RefineOptions()) -> ComposeResult:
     """``regional.compose`` with LoRA-Composer's latent refinement added to the returned clone."""
-    result = compose(model, clip, global_prompt, regions, replace(options, refinement=False))
+    result = compose(model, clip, global_prompt, regions, replace(options, refinement=False))  # own options
     if options.refinement:
         result.model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
                                           RefineWrapper(result.composition, refine_options))

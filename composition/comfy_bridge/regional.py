@@ -385,15 +385,18 @@ def compose(model: Any, clip: Any, global_prompt: str, regions: list[ComposedReg
             options: ComposeOptions = ComposeOptions()) -> ComposeResult:
     """Loom Compose's one function: MODEL, CLIP, prompts and regions -> patched MODEL clone + CONDITIONING."""
     plan = build_plan(global_prompt, regions, options)
-    if options.refinement:
-        raise PlanError("Loom Compose: LoRA-Composer latent refinement is not available in this build yet; "
-                        "switch 'refinement' off")
     if options.attention_path not in ("grouped", "dense"):
         raise PlanError(f"options.attention_path: {options.attention_path!r} is not 'grouped' or 'dense'")
     prompts = encode_prompts(clip, global_prompt, [r.region.prompt for r in regions])
     patch = int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2))
     composition = RegionalComposition(plan, prompts, options, patch)
     clone, skipped = install(model, composition, regions)
+    if options.refinement:  # LoRA-Composer latent refinement: one gradient step on the latent per early step
+        from .refine import WRAPPER_KEY as REFINE_KEY
+        from .refine import RefineWrapper
+
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, REFINE_KEY,
+                                   RefineWrapper(composition))
     conditioning = [[prompts.context, dict(prompts.extra)]]
     return ComposeResult(clone, conditioning, composition, tuple(skipped))
 

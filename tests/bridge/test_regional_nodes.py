@@ -166,6 +166,14 @@ def test_bench_compose_gives_one_row_per_combination():
     assert all(r.merged_ms > 0 and r.composed_ms > 0 and r.ratio > 0 for r in rows)
 
 
-def test_refinement_is_refused_until_implemented(flux, regions):
-    with pytest.raises(PlanError, match="refinement"):
-        LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=True)
+def test_refinement_switch_installs_the_refine_wrapper_on_the_clone_only(flux, regions):
+    import comfy.patcher_extension
+
+    from lora_loom.composition.comfy_bridge.refine import WRAPPER_KEY, RefineWrapper
+
+    kind = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+    refined, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=True).args
+    plain, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=False).args
+    assert [type(w) for w in refined.get_wrappers(kind, WRAPPER_KEY)] == [RefineWrapper]
+    assert plain.get_wrappers(kind, WRAPPER_KEY) == []
+    assert flux.get_wrappers(kind, WRAPPER_KEY) == []
