@@ -190,16 +190,22 @@ function renderPanel(root) {
     status.textContent = state.message;
   }
 
+  let timer = null;
+  let latest = 0; // answers to older searches are dropped
   async function search() {
+    clearTimeout(timer);
+    const mine = ++latest;
     Object.assign(state, { query: query.value, baseModel: baseModel.value, folder: folder.value,
       include: include.value, exclude: exclude.value });
     status.textContent = "searching…";
     try {
       const body = await getJson("search", searchParams(state));
+      if (mine !== latest) return;
       state.hits = body.hits ?? [];
       state.message = `${state.hits.length} result${state.hits.length === 1 ? "" : "s"}` +
         (state.query ? ` for “${state.query}”` : "") + " — drag a card onto the canvas";
     } catch (err) {
+      if (mine !== latest) return;
       state.hits = [];
       state.message = `search failed: ${err.message}`;
     }
@@ -207,7 +213,6 @@ function renderPanel(root) {
     showHits();
   }
 
-  let timer = null;
   for (const input of [query, baseModel, folder, include, exclude]) {
     input.addEventListener("keydown", (e) => {
       e.stopPropagation(); // keep ComfyUI's shortcuts out of the text box

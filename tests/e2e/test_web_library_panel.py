@@ -62,6 +62,16 @@ def test_library_panel_search_details_drag_round_trip_and_queue(comfy_server, lo
         page.screenshot(path=str(ARTIFACTS / "web_library_panel_details.png"))
         page.locator(".loom-lib-back").click()
 
+        # a tag filter: excluding "red" drops the red LoRA from the same search
+        page.locator(".loom-lib-filters summary").click()
+        page.locator(".loom-lib-exclude").fill("red")
+        page.locator(".loom-lib-exclude").press("Enter")
+        page.wait_for_function("() => document.querySelector('.loom-lib-status')?.textContent.includes('for “red fox')"
+                               f" && !document.querySelector(\".loom-lib-card[data-lora='{RED}']\")")
+        page.locator(".loom-lib-exclude").fill("")
+        page.locator(".loom-lib-query").press("Enter")
+        page.wait_for_function(f"() => document.querySelector('.loom-lib-card')?.dataset.lora === '{RED}'")
+
         # drop the red card on the example's (empty) stack node: its title bar
         [stack] = page.evaluate(STACKS_JS)
         drag(page, card(page, RED), client_point(page, [stack["pos"][0] + 60, stack["pos"][1] - 12]))
