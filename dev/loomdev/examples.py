@@ -175,8 +175,33 @@ def clora(info: dict) -> dict:
     return g.workflow()
 
 
+def gated_stack(info: dict) -> dict:
+    """A gated stack: the red demo LoRA shapes the first half of sampling and the blue one the second half
+    (Loom Gate Schedule keyframes, applied inside the layers by Loom LoRA Stack without re-patching)."""
+    g = GraphBuilder(info)
+    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
+    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
+    red = g.add("LoomGateSchedule", (40, 400), title="Red: structure (first half)", lora=RED,
+                keyframes="0:1, 0.5:0", interpolation="cosine", preview_steps=8)
+    blue = g.add("LoomGateSchedule", (40, 760), title="Blue: details (second half)", lora=BLUE,
+                 keyframes="0:0, 0.5:1", interpolation="cosine", preview_steps=8)
+    rows = json.dumps([{"lora": name, "on": True, "strength": 1.0, "sha256": demo_sha256(name)} for name in (RED, BLUE)],
+                      indent=1)
+    stack = g.add("LoomLoraStack", (460, 40), title="Gated LoRA stack", rows=rows)
+    g.nodes[stack - 1]["size"] = [440, 300]
+    pos = g.add("CLIPTextEncode", (960, 40), text="loomred loomblue a red fox and a blue bird")
+    g.connect(red, 0, blue, "gates")
+    g.connect(blue, 0, stack, "gates")
+    g.connect(unet, 0, stack, "model")
+    g.connect(clip, 0, stack, "clip")
+    g.connect(stack, 1, pos, "clip")
+    sample_and_save(g, stack, clip, pos, "loom_gated_stack", x=1680)
+    return g.workflow()
+
+
 BUILDERS = {"loom_demo.json": demo, "loom_two_regions.json": two_regions,
-            "loom_library_compose.json": library_compose, "loom_clora.json": clora}
+            "loom_library_compose.json": library_compose,
+            "loom_gated_stack.json": gated_stack, "loom_clora.json": clora}
 
 
 def main() -> int:
