@@ -91,7 +91,8 @@ class PerfConfig:
 
 @dataclass(frozen=True)
 class PerfRow:
-    """One method in one (resolution, adapters, regions) cell. ``step_ms`` median, ``step_ms_min``/``max`` its
+    """One method in one (resolution, adapters, regions) cell, ``image_tokens`` + ``text_tokens`` per pass.
+    ``step_ms`` median, ``step_ms_min``/``max`` its
     spread, ``samples`` steps timed; ``ratio`` = step / merged step of the cell; ``limit`` = FLOPs / merged
     FLOPs; ``peak_mib`` extra memory of one step; ``note`` says why a method is missing or how it was measured."""
 
@@ -101,6 +102,8 @@ class PerfRow:
     adapters: int
     regions: int
     method: str
+    image_tokens: int = 0
+    text_tokens: int = 0
     passes: int = 0
     step_ms: float = float("nan")
     step_ms_min: float = float("nan")
@@ -225,6 +228,7 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
     for repeat in range(config.repeats):
         for method, setup in setups.items():
             timings[method].steps += sample_steps(setup, latent, config.steps, seed=repeat)
+    comfy.model_management.unload_all_models()  # unpatch; drop hook weight caches before the next cell
     shape = flux_shape(patcher)
     image_tokens = (latent_hw[0] // shape.patch_size) * (latent_hw[1] // shape.patch_size)
     merged_ms = statistics.median(timings["merged"].steps) if "merged" in timings else float("nan")
@@ -242,7 +246,8 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
         steps = timings[method].steps
         step = statistics.median(steps)
         peak = peaks.get(method, float("nan"))
-        rows.append(PerfRow(**common, passes=setup.passes, step_ms=step, step_ms_min=min(steps),
+        text = int(setup.positive[0][0].shape[1])
+        rows.append(PerfRow(**common, image_tokens=image_tokens, text_tokens=text, passes=setup.passes, step_ms=step, step_ms_min=min(steps),
                             step_ms_max=max(steps), samples=len(steps), ratio=step / merged_ms,
                             tflops=work.flops.total / 1e12, limit=work.limit, peak_mib=peak))
         logger.info("perf %s %d² %d adapters %d regions %s: %.1f ms (x%.3f, limit x%.3f)", config.model, resolution,
