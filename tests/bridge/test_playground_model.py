@@ -117,6 +117,13 @@ def test_star_lora_draws_stars_the_base_cannot(playground):
     assert stars["lora"] >= 2, stars
 
 
+def test_model_node_returns_model_and_clip_and_every_schema_builds():
+    assert [node.define_schema().node_id for node in playground_nodes.NODES] == [
+        "LoomPlaygroundModel", "LoomPlaygroundLatent", "LoomPlaygroundDecode", "LoomPlaygroundEncode"]
+    patcher, clip = playground_nodes.LoomPlaygroundModel.execute().result
+    assert isinstance(patcher, comfy.model_patcher.ModelPatcher) and isinstance(clip, comfy.sd.CLIP)
+
+
 def test_latent_and_decode_nodes_round_trip():
     empty = playground_nodes.LoomPlaygroundLatent.execute(64, 32, 2).result[0]["samples"]
     assert empty.shape == (2, 48, 8, 16) and not empty.any()
