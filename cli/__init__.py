@@ -10,13 +10,14 @@ from ..version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..playground import train as playground_train
     from . import bench, delta, doctor, inspect, library
 
     parser = argparse.ArgumentParser(prog="loom", description="LoRA Loom: compose Flux LoRAs in ComfyUI.")
     parser.add_argument("--version", action="version", version=f"lora-loom {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (doctor, inspect, delta, library, bench):
+    for module in (doctor, inspect, delta, library, bench, playground_train):
         module.register(commands)
     return parser
 

@@ -6,9 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 def node_list() -> list[type[io.ComfyNode]]:
     """Every node of the pack, in menu order."""
-    from . import clora, gates, library, lora_stack, regions
+    from . import clora, gates, library, lora_stack, playground, regions
 
-    return [*lora_stack.NODES, *gates.NODES, *regions.NODES, *clora.NODES, *library.NODES]
+    return [*lora_stack.NODES, *gates.NODES, *regions.NODES, *clora.NODES, *library.NODES, *playground.NODES]
 
 
 class LoomExtension(ComfyExtension):

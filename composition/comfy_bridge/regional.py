@@ -42,7 +42,7 @@ from .regional_layers import AdapterSlot, SlotGate, layer_slots, unsupported_mod
 logger = logging.getLogger(__name__)
 
 WRAPPER_KEY = "lora_loom.regional"
-_NON_CONTENT_IDS = {"l": {49406, 49407}, "g": {49406, 49407}, "t5xxl": {0, 1}}
+_NON_CONTENT_IDS = {"l": {49406, 49407}, "g": {49406, 49407}, "t5xxl": {0, 1}, "playground": {0, 1}}
 
 
 @dataclass(frozen=True)
