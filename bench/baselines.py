@@ -17,6 +17,8 @@ LoRA files for the hook nodes are written as ComfyUI-format safetensors into a f
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -201,7 +203,7 @@ def lora_state_dict(entry: StackEntry) -> dict[str, torch.Tensor]:
 
 
 def write_hook_loras(entries: Sequence[StackEntry], folder: Path) -> dict[str, str]:
-    """Write each entry as ``<name>.safetensors`` in ``folder`` and register it under ComfyUI's ``loras``."""
+    """Write each entry as ``<name>.safetensors`` in ``folder`` (see :func:`hook_loras_folder`)."""
     folder.mkdir(parents=True, exist_ok=True)
     names = {}
     for entry in entries:
@@ -209,8 +211,19 @@ def write_hook_loras(entries: Sequence[StackEntry], folder: Path) -> dict[str, s
         if not (folder / name).exists():
             save_file(lora_state_dict(entry), str(folder / name))
         names[entry.path] = name
-    folder_paths.add_model_folder_path("loras", str(folder))
     return names
+
+
+@contextlib.contextmanager
+def hook_loras_folder(folder: Path):
+    """``folder`` is one of ComfyUI's ``loras`` folders only while the hook nodes load their files (they read
+    them at creation); the previous folder list is restored after, so nothing outlives the baseline set-up."""
+    before = list(folder_paths.folder_names_and_paths["loras"][0])
+    folder_paths.add_model_folder_path("loras", str(folder))
+    try:
+        yield
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0][:] = before
 
 
 def _hooks_for(entries: Sequence[StackEntry], names: dict[str, str], strength: Callable[[StackEntry], float]) -> Any:
@@ -238,7 +251,8 @@ def hooks_setup(patcher: Any, scene: Scene, folder: Path, latent_hw: tuple[int, 
     positive: list = []
     setter = ConditioningSetProperties()
     for k, (box, painters) in enumerate(zip(scene.boxes, scene.painters)):
-        hooks = _hooks_for(painters, names, lambda e: e.row.strength)
+        with hook_loras_folder(folder):
+            hooks = _hooks_for(painters, names, lambda e: e.row.strength)
         (cond,) = setter.set_properties(cond_NEW=_cond(scene.region_contexts[k], scene.pooled), strength=1.0,
                                         set_cond_area="default", mask=region_mask(box, *latent_hw), hooks=hooks)
         positive += cond
@@ -253,7 +267,8 @@ def composite_setup(patcher: Any, scene: Scene, folder: Path) -> MethodSetup:
     positive: list = []
     setter = ConditioningSetProperties()
     for entry in entries:
-        hooks = _hooks_for([entry], names, lambda e: 1.0)
+        with hook_loras_folder(folder):
+            hooks = _hooks_for([entry], names, lambda e: 1.0)
         (cond,) = setter.set_properties(cond_NEW=_cond(scene.global_context, scene.pooled), strength=1.0,
                                         set_cond_area="default", mask=None, hooks=hooks)
         positive += cond

@@ -4,11 +4,14 @@ Importing this module requires ComfyUI to be importable (tests/bridge/conftest.p
 """
 from __future__ import annotations
 
+import shutil
 import zlib
+from pathlib import Path
 
 import torch
 
 import comfy.model_management
+import folder_paths
 import comfy.model_patcher
 import comfy.supported_models
 
@@ -59,3 +62,12 @@ def flux_inputs(patcher: comfy.model_patcher.ModelPatcher, batch: int = 1, laten
         y=torch.randn(batch, cfg["vec_in_dim"], generator=gen).to(dtype),
         guidance=torch.full((batch,), 3.5, dtype=dtype),
     )
+
+
+def empty_loras_folder() -> Path:
+    """ComfyUI's (bridge-tier) loras folder, emptied: tests that write LoRA files start from a clean folder."""
+    folder = Path(folder_paths.get_folder_paths("loras")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return folder

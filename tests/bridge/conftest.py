@@ -14,3 +14,4 @@ BASE_DIR = Path(tempfile.mkdtemp(prefix="loom-bridge-"))
 atexit.register(shutil.rmtree, BASE_DIR, True)
 import_comfy(find_comfyui(os.environ.get("COMFYUI_PATH") or str(Path(__file__).parents[2] / ".loom" / "comfyui")),
              cpu=True, base_directory=str(BASE_DIR))
+

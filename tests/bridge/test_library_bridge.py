@@ -11,6 +11,7 @@ from pathlib import Path
 import folder_paths
 import library_factory as factory
 import pytest
+from comfy_models import empty_loras_folder
 import torch
 from lora_loom.composition.loading import file_sha256
 from lora_loom.retrieval import comfy_bridge as bridge
@@ -37,12 +38,9 @@ def clip_encoder(clip_l_file: Path) -> ComfyClipTextEncoder:
 
 @pytest.fixture()
 def loras() -> Path:
-    """ComfyUI's (bridge-tier) loras folder, emptied after the test."""
-    folder = Path(folder_paths.get_folder_paths("loras")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    yield folder
-    for child in folder.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    """ComfyUI's (bridge-tier) loras folder, empty before and after the test."""
+    yield empty_loras_folder()
+    empty_loras_folder()
 
 
 @pytest.fixture()

@@ -17,9 +17,8 @@ from safetensors.torch import save_file
 
 import comfy.sd
 import comfy.sd1_clip
-import folder_paths
 import nodes as comfy_nodes  # ComfyUI's top-level nodes module
-from comfy_models import TINY_FLUX, tiny_flux
+from comfy_models import TINY_FLUX, empty_loras_folder, tiny_flux
 from lora_factory import FluxDims, LoraCase, build_lora
 from lora_loom.composition.adapters import AdapterSet, DoRA
 from lora_loom.composition.comfy_bridge.merged import apply_merged
@@ -39,9 +38,9 @@ SWAPPED = "final_layer.adaLN_modulation.1.weight"
 
 @pytest.fixture(scope="module")
 def loras() -> Path:
-    folder = Path(folder_paths.get_folder_paths("loras")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    """The bridge loras folder, empty at the start and emptied at the end of this module."""
+    yield empty_loras_folder()
+    empty_loras_folder()
 
 
 @pytest.fixture(scope="module")
