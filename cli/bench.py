@@ -33,13 +33,14 @@ def register_library(group: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_library)
 
 
+from .bench_methods import register_methods  # noqa: E402  (loom bench compose | gates | clora)
 from .bench_perf import register_perf  # noqa: E402  (loom bench perf)
 
-BENCHMARKS = (register_library, register_perf)
+BENCHMARKS = (register_library, register_methods, register_perf)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("bench", help="benchmarks (loom bench library | perf)")
+    p = commands.add_parser("bench", help="benchmarks (loom bench library | compose | gates | clora | perf)")
     group = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in BENCHMARKS:
         add(group)

@@ -17,7 +17,8 @@ def is_comfyui(path: Path) -> bool:
 
 
 def find_comfyui(explicit: str | None = None) -> Path:
-    """``--comfyui`` > ``$COMFYUI_PATH`` > the ComfyUI whose ``custom_nodes`` holds this pack > an importable one."""
+    """``--comfyui`` > ``$COMFYUI_PATH`` > the ComfyUI whose ``custom_nodes`` holds this pack > a dev checkout's
+    ``.loom/comfyui`` > an importable one."""
     candidates: list[tuple[str, Path]] = []
     if explicit:
         candidates.append(("--comfyui", Path(explicit)))
@@ -25,6 +26,8 @@ def find_comfyui(explicit: str | None = None) -> Path:
         candidates.append(("$COMFYUI_PATH", Path(os.environ["COMFYUI_PATH"])))
     if PACK_DIR.parent.name == "custom_nodes":
         candidates.append(("pack location", PACK_DIR.parent.parent))
+    if (PACK_DIR / ".loom" / "comfyui").is_dir():  # a development checkout set up by dev/bootstrap.sh
+        candidates.append(("dev checkout", PACK_DIR / ".loom" / "comfyui"))
     for entry in sys.path:
         if entry and is_comfyui(Path(entry)):
             candidates.append(("sys.path", Path(entry)))
