@@ -56,3 +56,19 @@ def test_comfy_cli_validates_the_pack():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validation checks passed" in proc.stdout + proc.stderr
+
+
+def test_comfy_node_pack_ships_only_the_pack(tmp_path):
+    """`comfy node pack` zips tracked files honouring .comfyignore: no dev tooling, tests or CI in the archive."""
+    import zipfile
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    comfy = shutil.which("comfy", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([comfy, "--skip-prompt", "node", "pack"], cwd=clone, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with zipfile.ZipFile(clone / "node.zip") as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    assert {"__init__.py", "pyproject.toml", "nodes", "composition", "web", "example_workflows"} <= tops
+    assert not tops & {"dev", "tests", ".ci", "Makefile", ".loom"}, tops
