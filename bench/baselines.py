@@ -18,9 +18,8 @@ LoRA files for the hook nodes are written as ComfyUI-format safetensors into a f
 from __future__ import annotations
 
 import contextlib
-
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,7 +214,7 @@ def write_hook_loras(entries: Sequence[StackEntry], folder: Path) -> dict[str, s
 
 
 @contextlib.contextmanager
-def hook_loras_folder(folder: Path):
+def hook_loras_folder(folder: Path) -> Iterator[None]:
     """``folder`` is one of ComfyUI's ``loras`` folders only while the hook nodes load their files (they read
     them at creation); the previous folder list is restored after, so nothing outlives the baseline set-up."""
     before = list(folder_paths.folder_names_and_paths["loras"][0])
@@ -277,4 +276,5 @@ def composite_setup(patcher: Any, scene: Scene, folder: Path) -> MethodSetup:
 
 __all__ = ["PEER_METHODS", "BaselineError", "MethodSetup", "PerHeadMaskAttention", "Scene", "base_setup",
            "clora_setup", "composite_setup", "dense_per_head_setup", "gates_setup", "hooks_setup", "lora_state_dict",
-           "make_scene", "merged_setup", "region_mask", "regional_setup", "strip_boxes", "write_hook_loras"]
+           "hook_loras_folder", "make_scene", "merged_setup", "region_mask", "regional_setup", "strip_boxes",
+           "write_hook_loras"]
