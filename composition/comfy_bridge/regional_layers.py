@@ -334,6 +334,10 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
     stream = stream_of_module(module)
     if stream is None:
         raise RegionalLayerError(f"{module}: this layer runs once per sample, not per token; it cannot be regional")
+    if isinstance(original, RegionalLinearMixin):
+        raise RegionalLayerError(f"{module}: this MODEL already carries Loom per-token adapters (a gated stack, "
+                                 "Loom Compose or Loom CLoRA upstream); connect the model from before that node, "
+                                 "and give all adapters to this one")
     wrapper = object.__new__(_regional_class(type(original)))
     state = dict(original.__dict__)
     for name in ("_parameters", "_buffers", "_modules"):

@@ -177,3 +177,11 @@ def test_refinement_switch_installs_the_refine_wrapper_on_the_clone_only(flux, r
     assert [type(w) for w in refined.get_wrappers(kind, WRAPPER_KEY)] == [RefineWrapper]
     assert plain.get_wrappers(kind, WRAPPER_KEY) == []
     assert flux.get_wrappers(kind, WRAPPER_KEY) == []
+
+
+def test_composing_an_already_composed_model_is_refused_with_a_clear_message(flux, regions):
+    from lora_loom.composition.comfy_bridge.regional_layers import RegionalLayerError
+
+    composed, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions).args
+    with pytest.raises(RegionalLayerError, match="already carries Loom per-token adapters"):
+        LoomCompose.execute(composed, StubClip(), "a meadow", regions)
