@@ -27,6 +27,7 @@ from typing import Any
 import comfy.patcher_extension
 import torch
 
+from .progress import SamplingProgress
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
 from ..clora import (
     CLoraError,
@@ -37,7 +38,7 @@ from ..clora import (
     resize_masks,
     step_sizes,
 )
-from ..gates import sigma_to_percent, step_of_sigma
+from ..gates import step_of_sigma
 from ..stack import StackEntry
 from .clora_probe import (
     ConceptProbe,
@@ -145,7 +146,7 @@ class CLoraComposition:
         self.record: MaskRecord | None = None
         self.losses: list[tuple[int, int, float]] = []
         self._masks: torch.Tensor | None = None
-        self._percents: dict[float, float] = {}
+        self._progress = SamplingProgress()
 
     def __deepcopy__(self, memo: dict) -> CLoraComposition:
         return self
@@ -159,9 +160,7 @@ class CLoraComposition:
 
     def percent_of(self, sigma: float, model_sampling: Any) -> float:
         """Sampling percent of ``sigma`` (cached per sigma)."""
-        if sigma not in self._percents:
-            self._percents[sigma] = sigma_to_percent(sigma, model_sampling.percent_to_sigma)
-        return self._percents[sigma]
+        return self._progress.percent_of(sigma, model_sampling)
 
     # --- passes ----------------------------------------------------------------------------------------------
     def rows_for(self, chunks: list[int], c_crossattn: torch.Tensor, pooled: torch.Tensor | None,

@@ -25,13 +25,13 @@ from typing import Any
 import comfy.patcher_extension
 import torch
 
+from .progress import SamplingProgress
 from ..adapter_gate import GateBook
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
 from ..gates import (
     GateError,
     LoRASwitch,
     composite_average,
-    sigma_to_percent,
     step_of_sigma,
 )
 from ..stack import StackEntry
@@ -78,7 +78,7 @@ class GatedStack:
         self.options = options
         self.current: GatedCall | None = None
         self._ones: dict[str, torch.Tensor] = {}
-        self._percents: dict[float, float] = {}
+        self._progress = SamplingProgress()
         self._values: dict[tuple, tuple[float, ...]] = {}
         self.calls = 0
 
@@ -121,11 +121,7 @@ class GatedStack:
 
     # --- per call -------------------------------------------------------------------------------------------
     def percent_of(self, sigma: float, model_sampling: Any) -> float:
-        percent = self._percents.get(sigma)
-        if percent is None:
-            percent = sigma_to_percent(sigma, model_sampling.percent_to_sigma)
-            self._percents[sigma] = percent
-        return percent
+        return self._progress.percent_of(sigma, model_sampling)
 
     def _step(self, sigma: float, transformer_options: dict) -> int:
         sigmas = transformer_options.get("sample_sigmas")

@@ -30,9 +30,9 @@ import torch
 
 import comfy.patcher_extension
 
+from .progress import SamplingProgress
 from ..adapter_gate import GateBook
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
-from ..gates import sigma_to_percent
 from ..plan import MethodOptions, Plan, PlanError, Region, RuleSchedule, TextSpans, region_token_masks
 from ..regional import label_joint_sequence
 from ..stack import StackEntry
@@ -195,7 +195,7 @@ class RegionalComposition:
         self.probe: Any = None
         self.gate_book: GateBook | None = None
         self._layouts: dict = {}
-        self._percents: dict = {}
+        self._progress = SamplingProgress()
         self._contexts: dict = {}
         self._gate_values: dict = {}
 
@@ -224,11 +224,7 @@ class RegionalComposition:
 
     # --- per call ---------------------------------------------------------------------------------------
     def percent_of(self, sigma: float, model_sampling: Any) -> float:
-        percent = self._percents.get(sigma)
-        if percent is None:
-            percent = sigma_to_percent(sigma, model_sampling.percent_to_sigma)
-            self._percents[sigma] = percent
-        return percent
+        return self._progress.percent_of(sigma, model_sampling)
 
     def composed_entries(self, context: torch.Tensor) -> tuple[bool, ...]:
         """Which batch entries of ``context [B, T, C]`` are the composed prompt."""
