@@ -32,8 +32,8 @@ TARGET_BLOCKS = ("double_blocks.", "single_blocks.")
 class TrainingSettings:
     """Knobs of one training run (defaults: the committed weights)."""
 
-    base_steps: int = 1600
-    lora_steps: int = 250
+    base_steps: int = 4000
+    lora_steps: int = 500
     batch: int = 32
     base_lr: float = 4e-4
     lora_lr: float = 1e-3
