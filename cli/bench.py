@@ -35,12 +35,13 @@ def register_library(group: argparse._SubParsersAction) -> None:
 
 from .bench_methods import register_methods  # noqa: E402  (loom bench compose | gates | clora)
 from .bench_perf import register_perf  # noqa: E402  (loom bench perf)
+from .bench_quality import register_quality  # noqa: E402  (loom bench quality)
 
-BENCHMARKS = (register_library, register_methods, register_perf)
+BENCHMARKS = (register_library, register_methods, register_perf, register_quality)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("bench", help="benchmarks (loom bench library | compose | gates | clora | perf)")
+    p = commands.add_parser("bench", help="benchmarks (loom bench library | compose | gates | clora | perf | quality)")
     group = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in BENCHMARKS:
         add(group)

@@ -1,0 +1,120 @@
+"""``loom bench quality``: ground-truth composition quality of every method on the playground world.
+
+Registered into the ``bench`` group by :func:`register_quality` (``cli/bench.py`` lists it in ``BENCHMARKS``).
+Needs ComfyUI (found like ``loom doctor`` does) and runs on the CPU. Prints the table (method | images | present |
+vanished | confused | leakage | s/image) and which methods place fewer wanted objects than the naive merged
+baseline; ``--grid`` saves the first seed's images (cases x methods), ``--csv`` the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..bench.quality import QualityRow
+
+logger = logging.getLogger(__name__)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.replace(",", " ").split() if v)
+
+
+def format_quality_table(rows: Sequence[QualityRow]) -> str:
+    """The rows as an aligned text table; a failed method shows dashes, its error is listed under the table."""
+    header = ["method", "images", "present", "vanished", "confused", "leakage", "s/image"]
+    lines = []
+    for r in rows:
+        if r.error:
+            lines.append([r.method, "0", "-", "-", "-", "-", "failed"])
+        else:
+            lines.append([r.method, str(r.images), f"{r.presence:.2f}", f"{r.vanishing:.2f}", f"{r.confusion:.2f}",
+                          f"{r.leakage:.3f}", f"{r.seconds_per_image:.2f}"])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def show(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    errors = [f"{r.method} failed: {r.error}" for r in rows if r.error]
+    return "\n".join([show(header), show(["-" * w for w in widths]), *(show(line) for line in lines), *errors])
+
+
+def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
+    """One line per method with every field of the row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(rows[0])] if rows else []
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({n: getattr(row, n) for n in names})
+    return path
+
+
+def run_quality_command(args: argparse.Namespace) -> int:
+    from .comfy_env import find_comfyui, import_comfy
+
+    import_comfy(find_comfyui(args.comfyui), cpu=True, base_directory=tempfile.mkdtemp(prefix="loom-quality-"))
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ..bench.quality import BASELINE, METHODS, QualityConfig, QualityError, grid_image, run_quality
+
+    config = QualityConfig(cases=args.cases or (), seeds=args.seeds, first_seed=args.first_seed, steps=args.steps,
+                           cfg=args.cfg, methods=args.methods or METHODS)
+    try:
+        report = run_quality(config.validate(), progress=lambda line: logger.info("%s", line))
+    except QualityError as exc:
+        sys.stderr.write(f"loom bench quality: {exc}\n")
+        return 2
+    rows = list(report.rows)
+    if args.json:
+        sys.stdout.write(report.to_json() + "\n")
+    else:
+        title = (f"loom bench quality: {len(config.selected_cases())} cases x {config.seeds} seeds, {config.steps} "
+                 f"steps {config.sampler}/{config.scheduler}, cfg {config.cfg}, {config.size}x{config.size}")
+        sys.stdout.write(f"{title}\n{format_quality_table(rows)}\n")
+        below = report.below_baseline()
+        if below:
+            sys.stdout.write(f"below the naive {BASELINE} baseline on presence: {', '.join(below)}\n")
+        elif any(r.method == BASELINE and not r.error for r in rows):
+            sys.stdout.write(f"no method below the naive {BASELINE} baseline on presence\n")
+    written = []
+    if args.csv:
+        written.append(write_quality_csv(rows, Path(args.csv)))
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        grid_image(report).save(args.grid)
+        written.append(Path(args.grid))
+    if written and not args.json:
+        sys.stdout.write(f"wrote {' and '.join(str(p) for p in written)}\n")
+    failed = [r.method for r in rows if r.error]
+    if failed:
+        sys.stderr.write(f"loom bench quality: method(s) failed: {', '.join(failed)}\n")
+    return 1 if failed else 0
+
+
+def register_quality(group: argparse._SubParsersAction) -> None:
+    """Add ``quality`` to the ``loom bench`` group."""
+    p = group.add_parser("quality", help="composition quality on the playground world, scored by its exact "
+                                         "detector: presence, vanishing, confusion, leakage per method")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per case (default 4)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--cases", type=_names, help="subset of cases by name, e.g. 'star-ring,ring-star' (default all)")
+    p.add_argument("--methods", type=_names, help="subset of methods, e.g. 'base,merged,regional' (default all)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--grid", help="save the first seed's images (cases x methods) as this PNG")
+    p.add_argument("--csv", help="write the rows to this CSV file")
+    p.add_argument("--json", action="store_true", help="print the config and rows as JSON")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
+    p.set_defaults(run=run_quality_command)
