@@ -6,10 +6,11 @@ owns the *same* Parameter objects under the same names, so ComfyUI's weight patc
 casting and low-VRAM loading keep working, and the original module is never modified.
 
 Low-rank adapters (LoRA/LoCon, Tucker cores folded) go through :func:`kernels.multi_lora.masked_multi_lora`: all
-adapters of a layer stacked, two matmuls whatever their number. Other kinds (LoHa, LoKr, DoRA, WeightDiff,
-SetWeight) use their exact ``bypass_delta``. Modulation layers (``img_mod.lin``, ``modulation.lin``,
-``final_layer.adaLN_modulation.1``) see one vector per sample ``[B, 1, C]``; they return ``[B, L, O]`` — the
-base output broadcast plus each token's own adapter mix — which Flux's ``apply_mod`` broadcasts per token.
+adapters of a layer stacked, two matmuls whatever their number (the Triton ``masked_multi_lora_fast`` where
+:func:`.fast_kernels.triton_eligible` allows). Other kinds (LoHa, LoKr, DoRA, WeightDiff, SetWeight) use their
+exact ``bypass_delta``. Modulation layers (``img_mod.lin``, ``modulation.lin``, ``final_layer.adaLN_modulation.1``)
+see one vector per sample ``[B, 1, C]``; they return ``[B, L, O]`` — the base output broadcast plus each token's
+own adapter mix — which Flux's ``apply_mod`` broadcasts per token.
 
 Gates (optional): a slot with ``gate >= 0`` is scaled by ``source.adapter_gates(block_type, block_index)[gate]``
 when the source implements that method (the :class:`TokenGates` extra; :class:`TokenWeights` alone means "no
@@ -32,9 +33,11 @@ from typing import Protocol
 import torch
 
 from ...kernels.multi_lora import AdapterFactors, StackedLoRA, masked_multi_lora, select_active, stack_lora
+from ...kernels.multi_lora_triton import masked_multi_lora_fast
 from ..adapters import LoRA
 from ..adapters.common import BIAS, WEIGHT
 from ..block_weights import BlockRef, block_of_module
+from .fast_kernels import triton_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +227,8 @@ class RegionalLinearMixin:
                 strengths, chosen = self._gated_fast(fast, active, gates, x.device)
             if chosen.adapter_index:
                 scale = self._token_scale(weights, fast.regions, strengths)
-                out = masked_multi_lora(x, fast.stacked, scale, chosen)
+                kernel = masked_multi_lora_fast if triton_eligible(x, scale) else masked_multi_lora
+                out = kernel(x, fast.stacked, scale, chosen)
         for slot in self.loom_exact:
             strength = self._strength(slot, gates)
             if slot.region not in active or strength == 0.0:
