@@ -7,7 +7,7 @@ applied and the answer is ``[B, L, H·D]``. ``transformer_options`` carries ``bl
 Every plain attention call goes *downstream*: the previous override (``previous(func, ...)``) if one was installed
 before ours, else ``func``. The grouped fast path calls downstream once per block of query tokens that share one
 allowed key set (no mask, so flash/memory-efficient kernels stay usable; no L×L tensor) — or, when there is no
-previous override and :func:`.fast_kernels.triton_eligible` allows, once into the Triton kernel
+previous override and the kernel takes the inputs (``attention_triton_eligible``), once into the Triton kernel
 ``attention_grouped_fast`` (rules read from labels, no L×L tensor either). The dense path (option
 ``attention_path="dense"``, or when ComfyUI itself passes a mask) calls downstream once with one broadcast
 ``[1, 1, L, L]`` mask (cached per rules and length; passed additive, 0 / -inf, as every backend adds float masks). Base-ratio blending runs a second, base-rule attention
@@ -21,9 +21,8 @@ from typing import Any, Callable
 import torch
 
 from ...kernels.joint_attention import dense_mask, grouped_layout
-from ...kernels.joint_attention_triton import MAX_HEAD_DIM, attention_grouped_fast
+from ...kernels.joint_attention_triton import attention_grouped_fast, attention_triton_eligible
 from ..regional import ActiveRules, active_rules, allowed_groups, base_allowed, blend_base
-from .fast_kernels import triton_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +113,10 @@ class RegionalAttention:
 
     def _triton(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kwargs: dict) -> bool:
         """The grouped path may run the Triton kernel: nothing to chain to (a previous override keeps its path),
-        ``[B, L, H·D]`` wanted back, a head size the kernel takes, and :func:`.fast_kernels.triton_eligible`."""
-        return (self.previous is None and not kwargs.get("skip_output_reshape") and q.shape[-1] <= MAX_HEAD_DIM
-                and k.shape == q.shape and v.shape == q.shape and triton_eligible(q, k, v))
+        ``[B, L, H·D]`` wanted back, and the kernel takes these inputs
+        (:func:`lora_loom.kernels.joint_attention_triton.attention_triton_eligible`)."""
+        return (self.previous is None and not kwargs.get("skip_output_reshape")
+                and attention_triton_eligible(q, k, v))
 
     def _with_rules(self, downstream: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                     kwargs: dict, labels: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class RegionalAttention:
         if len(layout.blocks) == 1 and layout.blocks[0].key_index is None:
             return downstream(q, k, v, heads, **kwargs)
         if self._triton(q, k, v, kwargs):
-            return attention_grouped_fast(q, k, v, labels, allowed)
+            return attention_grouped_fast(q, k, v, labels, allowed, layout)
         out = None
         for block in layout.blocks:
             qb = q.index_select(2, block.query_index)

@@ -6,9 +6,9 @@ owns the *same* Parameter objects under the same names, so ComfyUI's weight patc
 casting and low-VRAM loading keep working, and the original module is never modified.
 
 Low-rank adapters (LoRA/LoCon, Tucker cores folded) go through :func:`kernels.multi_lora.masked_multi_lora`: all
-adapters of a layer stacked, two matmuls whatever their number (the Triton ``masked_multi_lora_fast`` where
-:func:`.fast_kernels.triton_eligible` allows). Other kinds (LoHa, LoKr, DoRA, WeightDiff, SetWeight) use their
-exact ``bypass_delta``. Modulation layers (``img_mod.lin``, ``modulation.lin``, ``final_layer.adaLN_modulation.1``)
+adapters of a layer stacked, two matmuls whatever their number (via ``masked_multi_lora_fast``: the Triton kernels
+where they may run, else torch). Other kinds (LoHa, LoKr, DoRA, WeightDiff, SetWeight) use their exact
+``bypass_delta``. Modulation layers (``img_mod.lin``, ``modulation.lin``, ``final_layer.adaLN_modulation.1``)
 see one vector per sample ``[B, 1, C]``; they return ``[B, L, O]`` — the base output broadcast plus each token's
 own adapter mix — which Flux's ``apply_mod`` broadcasts per token.
 
@@ -32,12 +32,11 @@ from typing import Protocol
 
 import torch
 
-from ...kernels.multi_lora import AdapterFactors, StackedLoRA, masked_multi_lora, select_active, stack_lora
+from ...kernels.multi_lora import AdapterFactors, StackedLoRA, select_active, stack_lora
 from ...kernels.multi_lora_triton import masked_multi_lora_fast
 from ..adapters import LoRA
 from ..adapters.common import BIAS, WEIGHT
 from ..block_weights import BlockRef, block_of_module
-from .fast_kernels import triton_eligible
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +226,7 @@ class RegionalLinearMixin:
                 strengths, chosen = self._gated_fast(fast, active, gates, x.device)
             if chosen.adapter_index:
                 scale = self._token_scale(weights, fast.regions, strengths)
-                kernel = masked_multi_lora_fast if triton_eligible(x, scale) else masked_multi_lora
-                out = kernel(x, fast.stacked, scale, chosen)
+                out = masked_multi_lora_fast(x, fast.stacked, scale, chosen)
         for slot in self.loom_exact:
             strength = self._strength(slot, gates)
             if slot.region not in active or strength == 0.0:

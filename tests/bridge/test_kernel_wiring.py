@@ -5,8 +5,9 @@ see tests/unit/test_triton_kernels.py), which imports ComfyUI in-process with ``
 does. The subprocess builds the tiny Flux of tests/comfy_models.py with the two-region, two-adapter composition of
 test_regional_mechanism.py and makes one model call three ways: Triton path, ``LOOM_KERNELS=torch``, and Triton
 with a previous attention override installed (which must keep its own path: chain, don't clobber); then a layer and
-the override with inputs that need gradients (torch path). Calls into the two Triton entry points are counted by
-wrapping the module-level functions inside the subprocess.
+the override with inputs that need gradients (torch path); last, the same call with both kernel factories raising
+as a failed compile would (the call must still succeed on the torch path, with one warning per kernel). Calls into
+the two Triton entry points are counted by wrapping the module-level functions inside the subprocess.
 """
 from __future__ import annotations
 
@@ -96,7 +97,31 @@ with gradient_scope():  # as refine.py differentiates: out of inference mode, gr
                                               transformer_options={"block_type": "double", "block_index": 0}).sum()
     grads = torch.autograd.grad(loss, [x, q])
 composition.current = None
+
+# a kernel that fails to compile or launch: warned once, torch for the rest of the process, sampling goes on
+import logging
+warnings = []
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+logging.getLogger("lora_loom.kernels.triton_runtime").addHandler(Collect(logging.WARNING))
+factories = {"lora": 0, "attention": 0}
+
+def failing(name):
+    def factory():
+        factories[name] += 1
+        raise RuntimeError("ptxas fatal: " + name)
+    return factory
+
+multi_lora_triton._kernels = failing("lora")
+joint_attention_triton._kernel = failing("attention")
+broken, _, _ = predict(flux)
+broken_again, broken_calls, _ = predict(flux)
 print(json.dumps({
+    "broken_vs_torch": float(max((broken - slow).abs().max(), (broken_again - slow).abs().max())),
+    "broken_factories": factories, "broken_warnings": warnings, "broken_calls_after": broken_calls,
     "grad_calls": dict(calls), "grads_ok": all(bool(torch.isfinite(g).all() and g.abs().max() > 0) for g in grads),
     "fast_vs_torch": float((fast - slow).abs().max()),
     "chained_vs_torch": float((chained - slow).abs().max()),
@@ -145,3 +170,15 @@ def test_autograd_takes_the_torch_path(wiring: dict) -> None:
     (latent refinement) run torch, and the gradients reach the inputs."""
     assert wiring["grad_calls"] == {"lora": 0, "attention": 0, "previous": 0}
     assert wiring["grads_ok"]
+
+
+def test_failing_kernels_fall_back_to_torch_for_good(wiring: dict) -> None:
+    """Kernels that fail to compile: the model call still returns the torch prediction, each failure is warned
+    about once naming the error, and neither kernel is tried again (the next call enters none)."""
+    assert wiring["broken_vs_torch"] <= TOLERANCE
+    assert wiring["broken_factories"] == {"lora": 1, "attention": 1}
+    assert wiring["broken_calls_after"] == {"lora": 0, "attention": 0, "previous": 0}
+    warnings = wiring["broken_warnings"]
+    assert len(warnings) == 2, warnings
+    assert any("masked_multi_lora" in w and "RuntimeError: ptxas fatal: lora" in w for w in warnings), warnings
+    assert any("attention_grouped" in w and "RuntimeError: ptxas fatal: attention" in w for w in warnings), warnings
