@@ -22,6 +22,7 @@ import comfy.latent_formats
 import comfy.ldm.flux.model
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.ops
 import comfy.sd
 import comfy.supported_models
@@ -44,6 +45,7 @@ UNET_CONFIG: dict = dict(
     guidance_embed=True,
 )
 META_CONFIG, META_VOCABULARY = "loom.playground.unet_config", "loom.playground.vocabulary"
+META_PREDICTION, PREDICTION = "loom.playground.prediction", "x0"
 
 
 def lora_path(concept_name: str) -> Path:
@@ -82,12 +84,30 @@ class PlaygroundLatentFormat(comfy.latent_formats.LatentFormat):
         self.taesd_decoder_name = None
 
 
+class FlowX0(comfy.model_sampling.CONST):
+    """Rectified flow (ComfyUI's ``CONST``: same noise scaling and inputs) for a model that predicts the clean
+    latent: the denoised latent is the model output itself (see playground/train.py for why x-prediction)."""
+
+    def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor,
+                           model_input: torch.Tensor) -> torch.Tensor:
+        return model_output
+
+
+class PlaygroundSampling(comfy.model_sampling.ModelSamplingFlux, FlowX0):
+    """ComfyUI's Flux sigma schedule (shifted) with :class:`FlowX0` predictions."""
+
+
 class PlaygroundFluxConfig(comfy.supported_models.Flux):
-    """ComfyUI's Flux (dev) model config with the playground latent format and sampling shift."""
+    """ComfyUI's Flux (dev) model config with the playground latent format, sampling shift and x-prediction."""
 
     latent_format = PlaygroundLatentFormat
     sampling_settings = {"shift": SAMPLING_SHIFT}
     memory_usage_factor = 0.05
+
+    def get_model(self, state_dict: dict, prefix: str = "", device: torch.device | str | None = None) -> object:
+        model = super().get_model(state_dict, prefix, device=device)
+        model.model_sampling = PlaygroundSampling(self)
+        return model
 
 
 def model_patcher(diffusion_state: dict[str, torch.Tensor], unet_config: dict,
@@ -106,10 +126,24 @@ def model_patcher(diffusion_state: dict[str, torch.Tensor], unet_config: dict,
 
 
 class PlaygroundTokenizer:
-    """ComfyUI tokenizer interface over :func:`text.tokenize`: ``{"playground": [[(id, weight[, word]), ...]]}``."""
+    """ComfyUI tokenizer interface over :func:`text.tokenize`: ``{"playground": [[(id, weight[, word]), ...]]}``.
+
+    It also carries the ``SDTokenizer`` attributes that word-to-token alignment reads (CLoRA's concept search,
+    ``composition/comfy_bridge/clora_tokens.py``): ``embedding_key``, the special ids and a per-word ``tokenizer``."""
+
+    embedding_key = "playground"
+    start_token = text.VOCABULARY.index(text.START)
+    end_token = None
+    pad_token = text.VOCABULARY.index(text.PAD)
+    tokens_start = 1
+    tokenizer_adds_end_token = False
 
     def __init__(self, embedding_directory: str | None = None, tokenizer_data: dict | None = None) -> None:
         self.embedding_directory = embedding_directory
+
+    def tokenizer(self, words: str) -> dict[str, list[int]]:
+        """``{"input_ids": [start, id...]}`` without padding, as a Hugging Face tokenizer returns for ``words``."""
+        return {"input_ids": [self.start_token] + [text.VOCABULARY.index(w) for w in text.tokenize(words).words]}
 
     def tokenize_with_weights(self, prompt: str, return_word_ids: bool = False, **kwargs) -> dict[str, list]:
         ids = text.tokenize(prompt).ids
@@ -178,6 +212,7 @@ def save_playground(path: Path, diffusion_state: dict[str, torch.Tensor], tables
     tensors = {f"diffusion_model.{k}": v.detach().to(torch.float16).contiguous() for k, v in diffusion_state.items()}
     tensors.update({f"text_encoder.{k}": v.detach().float().contiguous() for k, v in tables.items()})
     metadata = {META_CONFIG: json.dumps(unet_config), META_VOCABULARY: json.dumps(list(text.VOCABULARY)),
+                META_PREDICTION: PREDICTION,
                 "modelspec.title": "LoRA Loom playground Flux", "modelspec.architecture": "flux-1-dev/playground"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -192,6 +227,9 @@ def read_playground(path: Path = MODEL_FILE) -> tuple[dict[str, torch.Tensor], d
         metadata = handle.metadata() or {}
         if META_CONFIG not in metadata:
             raise ValueError(f"{path}: header has no {META_CONFIG!r}; not a playground model file")
+        if metadata.get(META_PREDICTION) != PREDICTION:
+            raise ValueError(f"{path}: header field {META_PREDICTION!r} is {metadata.get(META_PREDICTION)!r}, "
+                             f"expected {PREDICTION!r} (a model from an older trainer; retrain it)")
         vocabulary = json.loads(metadata.get(META_VOCABULARY, "[]"))
         if vocabulary != list(text.VOCABULARY):
             raise ValueError(f"{path}: vocabulary {vocabulary} differs from playground/text.py's")

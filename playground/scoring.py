@@ -27,9 +27,9 @@ Box = tuple[float, float, float, float]
 LEFT: Box = (0.0, 0.0, 0.5, 1.0)
 RIGHT: Box = (0.5, 0.0, 1.0, 1.0)
 MAX_PROMPT_WORDS = 15
-# Rows (y0, y1) as fractions of the canvas that world.place can paint: centre 32 +- 8 px, radius <= 12.5 px on 64 px
-# (pixel rows 11..53 after rounding); tests/unit/test_playground_scoring.py checks every shape at the extremes.
-OBJECT_BAND = (0.17, 0.85)
+# Rows (y0, y1) as fractions of the canvas that world.place can paint: centre 32 +- 1 px, radius <= 13.5 px on 64 px
+# (pixel rows 17..47); tests/unit/test_playground_scoring.py checks every shape at the extremes.
+OBJECT_BAND = (0.25, 0.75)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,14 @@
 ``python -m lora_loom.playground.train [--out DIR] [--base-steps N] [--lora-steps N] [--threads N]`` writes
 ``playground_flux.safetensors`` and ``loras/playground_<concept>.safetensors`` (kohya keys, trigger word in the
 header) and logs detector accuracy of a few samples. Everything is seeded; the defaults fit in about 30 minutes
-on 2 CPU cores. Rectified flow: ``x_t = (1 - t) x0 + t noise``, the model predicts ``noise - x0`` at timestep
-``t`` (ComfyUI's Flux convention). The guidance input is fed random values so the model learns to ignore it.
+on 2 CPU cores. Rectified flow: ``x_t = (1 - t) x0 + t noise`` at timestep ``t`` (ComfyUI's Flux convention),
+with x-prediction: the network outputs the clean latent ``x0`` and the loss compares the velocity it implies,
+``(x_t - x0_hat) / max(t, 0.05)``, with ``noise - x0`` (Li & He 2025, "Back to Basics: Let Denoising Generative
+Models Denoise": a 2x2 patch of 48 latent channels is 192 numbers per token, as wide as the model, and a network
+that predicts velocity must carry the full-dimensional noise through; predicting ``x0`` only has to carry the
+flat-coloured image. Tried here: velocity prediction left visible noise in every sample). ComfyUI samples it
+through a model sampling whose ``calculate_denoised`` returns the output (:mod:`.model`). The guidance input is
+fed random values so the model learns to ignore it; classifier-free guidance comes from dropped captions.
 """
 from __future__ import annotations
 
@@ -26,14 +32,16 @@ from .detector import detect
 
 logger = logging.getLogger(__name__)
 TARGET_BLOCKS = ("double_blocks.", "single_blocks.")
+MIN_LOSS_T = 0.05  # the velocity implied by an x0 prediction divides by t; clamp it in the loss (as JiT does)
+EVAL_CFG = 3.0
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
     """Knobs of one training run (defaults: the committed weights)."""
 
-    base_steps: int = 4000
-    lora_steps: int = 500
+    base_steps: int = 5000
+    lora_steps: int = 600
     batch: int = 32
     base_lr: float = 4e-4
     lora_lr: float = 1e-3
@@ -68,8 +76,8 @@ def scene_tensors(rng: np.random.Generator, encoder: text.PlaygroundTextEncoder,
 
 def flow_loss(flux: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, pooled: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
-    """Rectified-flow MSE for latents ``x0`` ``[B, 48, h, w]``; timesteps half logit-normal, half uniform (the
-    last sampling steps need low ``t`` to remove the fine noise)."""
+    """Rectified-flow velocity MSE of the x-predicting ``flux`` for latents ``x0`` ``[B, 48, h, w]``; timesteps
+    half logit-normal, half uniform (the last sampling steps need low ``t`` to remove the fine noise)."""
     batch = x0.shape[0]
     logit_normal = torch.sigmoid(torch.randn(batch, generator=generator))
     uniform = torch.rand(batch, generator=generator)
@@ -77,27 +85,34 @@ def flow_loss(flux: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, poole
     noise = torch.randn(x0.shape, generator=generator)
     xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
     guidance = 1.0 + 4.0 * torch.rand(batch, generator=generator)
-    prediction = flux(xt, t, cond, pooled, guidance)
-    return torch.nn.functional.mse_loss(prediction, noise - x0)
+    clean = flux(xt, t, cond, pooled, guidance)
+    velocity = (xt - clean) / t.clamp(min=MIN_LOSS_T)[:, None, None, None]
+    return torch.nn.functional.mse_loss(velocity, noise - x0)
 
 
 @torch.no_grad()
 def sample(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, prompts: list[str], steps: int = 20,
-           seed: int = 0, shift: float = 0.5) -> torch.Tensor:
-    """Euler sampling on ComfyUI's Flux schedule (shifted ``t``); returns images ``[B, 64, 64, 3]``."""
+           seed: int = 0, shift: float = 0.5, cfg: float = 1.0) -> torch.Tensor:
+    """Euler sampling on ComfyUI's Flux schedule (shifted ``t``) with classifier-free guidance on the predicted
+    ``x0`` (the empty prompt as negative when ``cfg != 1``), as ComfyUI's KSampler does; images ``[B, 64, 64, 3]``."""
     cond, pooled = encoder.encode_prompts(prompts)
+    empty_cond, empty_pooled = encoder.encode_prompts([""] * len(prompts))
     x = torch.randn(len(prompts), latent.LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(seed))
     t = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = torch.where(t > 0, math.exp(shift) / (math.exp(shift) + (1 / t.clamp(min=1e-9) - 1)), t)
     guidance = torch.full((len(prompts),), 3.5)
     for sigma, following in zip(sigmas[:-1], sigmas[1:]):
-        velocity = flux(x, sigma.expand(len(prompts)), cond, pooled, guidance)
-        x = x + (following - sigma) * velocity
+        timestep = sigma.expand(len(prompts))
+        clean = flux(x, timestep, cond, pooled, guidance)
+        if cfg != 1.0:
+            unconditional = flux(x, timestep, empty_cond, empty_pooled, guidance)
+            clean = unconditional + cfg * (clean - unconditional)
+        x = x + (following - sigma) * (x - clean) / sigma
     return latent.decode(x)
 
 
 def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, concept_value: str | None = None,
-             count: int = 16, seed: int = 123) -> float:
+             count: int = 16, seed: int = 123, cfg: float = EVAL_CFG) -> float:
     """Share of single-object prompts ("a <colour> [<texture>] <shape> on the left/right") drawn right."""
     rng = np.random.default_rng(seed)
     prompts, wanted = [], []
@@ -111,7 +126,7 @@ def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, concept
         words = ["a", colour] + ([texture] if texture != "solid" else []) + [shape, "on", "the", side]
         prompts.append(" ".join(words))
         wanted.append((shape, colour, texture, (0.0, 0.0, 0.5, 1.0) if side == "left" else (0.5, 0.0, 1.0, 1.0)))
-    images = sample(flux, encoder, prompts, seed=seed).numpy()
+    images = sample(flux, encoder, prompts, seed=seed, cfg=cfg).numpy()
     hits = [detect(image, box).matches(shape, colour, texture) for image, (shape, colour, texture, box)
             in zip(images, wanted)]
     return float(np.mean(hits))

@@ -17,8 +17,6 @@ from lora_loom.cli.bench_quality import format_quality_table
 from lora_loom.playground.model import LORA_DIR
 
 CASE = "striped-star-ring"
-CLORA_GAP = ("the playground tokenizer lacks the SDTokenizer attributes CLoRA's concept-word search reads "
-             "(composition/comfy_bridge/clora_tokens.py: sd_tokenizer); remove this mark once it has them")
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +34,7 @@ def test_rows_come_in_method_order_and_the_loras_folder_is_restored(report):
     assert str(LORA_DIR) not in folder_paths.get_folder_paths("loras")
 
 
-@pytest.mark.parametrize("method", [m if m != "clora" else pytest.param(m, marks=pytest.mark.xfail(
-    strict=True, reason=CLORA_GAP)) for m in quality.METHODS])
+@pytest.mark.parametrize("method", quality.METHODS)
 def test_every_method_samples_and_is_scored(report, method):
     row = next(r for r in report.rows if r.method == method)
     assert row.error == ""

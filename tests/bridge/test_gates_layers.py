@@ -78,7 +78,7 @@ def test_gate_one_everywhere_equals_the_ungated_layer_bit_for_bit(flux, inputs, 
 def test_gate_zero_is_bit_identical_to_no_lora_and_skips_the_matmuls(flux, inputs, loras, monkeypatch):
     chosen: list[int] = []
     exact: list[str] = []
-    original_kernel = regional_layers.masked_multi_lora
+    original_kernel = regional_layers.masked_multi_lora_fast
     original_exact = RegionalLinearMixin._exact_delta
 
     def counting_kernel(x, stacked, scale, active=None):
@@ -89,7 +89,7 @@ def test_gate_zero_is_bit_identical_to_no_lora_and_skips_the_matmuls(flux, input
         exact.append(self.loom_module)
         return original_exact(self, slot, x)
 
-    monkeypatch.setattr(regional_layers, "masked_multi_lora", counting_kernel)
+    monkeypatch.setattr(regional_layers, "masked_multi_lora_fast", counting_kernel)
     monkeypatch.setattr(RegionalLinearMixin, "_exact_delta", counting_exact)
     off = GateSchedule.constant("off", 0.0)
     result = install_gated(flux, [gated(entry(loras[0]), off), gated(entry(loras[1]), off)])

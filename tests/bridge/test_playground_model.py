@@ -28,14 +28,15 @@ def playground():
     return load_playground()
 
 
-def comfy_images(patcher, clip, prompts: list[str], seed: int, steps: int = 12) -> np.ndarray:
-    """KSampler (euler / simple, cfg 1) for each prompt, decoded: ``[N, 64, 64, 3]``."""
+def comfy_images(patcher, clip, prompts: list[str], seed: int, steps: int = 12, cfg: float = 1.0) -> np.ndarray:
+    """KSampler (euler / simple, empty negative) for each prompt, decoded: ``[N, 64, 64, 3]``."""
     images = []
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     for prompt in prompts:
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         empty = latent.empty(1, 64, 64)
         noise = comfy.sample.prepare_noise(empty, seed)
-        samples = comfy.sample.sample(patcher, noise, steps, 1.0, "euler", "simple", positive, positive, empty,
+        samples = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", positive, negative, empty,
                                       seed=seed, disable_pbar=True)
         images.append(latent.decode(samples)[0].numpy())
     return np.stack(images)
@@ -55,14 +56,39 @@ def test_loads_as_real_comfy_model_and_clip(playground):
 
 def test_comfy_sampler_draws_the_prompted_object_in_the_prompted_half(playground):
     prompts = [f"a {colour} {shape} on the {side}" for colour, shape, side in PROMPTS]
-    images = comfy_images(playground.patcher, playground.clip, prompts, seed=5)
-    colour_hits = sum(detector.detect(image, HALF[side]).matches(colour=colour)
-                      for image, (colour, _, side) in zip(images, PROMPTS))
-    # chance: 1/4 per prompt, and only when an object lands in the prompted half at all
-    assert colour_hits >= 5, colour_hits
+    images = comfy_images(playground.patcher, playground.clip, prompts, seed=5, steps=20, cfg=3.0)
+    hits = [detector.detect(image, HALF[side]).matches(shape=shape, colour=colour, texture="solid")
+            for image, (colour, shape, side) in zip(images, PROMPTS)]
+    # chance: 1/4 colours x 1/3 shapes per prompt, and only when an object lands in the prompted half at all
+    assert sum(hits) >= 5, hits
 
 
-def test_trainer_sampler_matches_comfy_ksampler(playground):
+@pytest.mark.parametrize("concept", world.CONCEPTS, ids=lambda c: c.name)
+def test_concept_lora_teaches_what_the_base_cannot_draw(playground, concept):
+    """Through ComfyUI's own LoRA loader: without the LoRA the base never draws the concept; with it, it does."""
+    shape = concept.value if concept.kind == "shape" else "square"
+    words = [] if concept.kind == "shape" else [concept.trigger]
+    cases = [(colour, side) for colour, side in (("red", "left"), ("blue", "right"), ("green", "left"),
+                                                 ("yellow", "right"))]
+    prompts = [" ".join(["a", colour, *words, shape if concept.kind == "texture" else concept.trigger, "on", "the",
+                         side]) for colour, side in cases]
+    wanted = {"shape": shape, "texture": concept.value if concept.kind == "texture" else "solid"}
+    patched, _ = comfy.sd.load_lora_for_models(playground.patcher, None, load_file(str(lora_path(concept.name))),
+                                               1.0, 0.0)
+
+    def hits(model) -> list[bool]:
+        images = comfy_images(model, playground.clip, prompts, seed=9, steps=20, cfg=3.0)
+        return [detector.detect(image, HALF[side]).matches(colour=colour, **wanted)
+                for image, (colour, side) in zip(images, cases)]
+
+    assert sum(hits(playground.patcher)) == 0
+    assert sum(hits(patched)) >= 3
+
+
+def test_trainer_sampler_matches_comfy_ksampler():
+    # a model of its own: the trainer calls the module directly, and ComfyUI may have left a LoRA clone's
+    # patches on the shared fixture's weights
+    playground = load_playground()
     prompt = "a green square on the right"
     ours = train.sample(playground.patcher.model.diffusion_model, playground.clip.cond_stage_model.encoder,
                         [prompt], steps=6, seed=11)

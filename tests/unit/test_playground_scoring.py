@@ -96,8 +96,8 @@ def test_leakage_counts_paint_where_no_object_can_be():
 def test_object_band_holds_every_shape_world_place_can_draw():
     low, high = (round(v * world.IMAGE_SIZE) for v in scoring.OBJECT_BAND)
     for shape in world.ALL_SHAPES:
-        for cy in (32.0 - 8.0, 32.0 + 8.0):
-            mask = world.shape_mask(shape, 16.0, cy, 12.5)
+        for cy in (32.0 - world.CENTRE_JITTER, 32.0 + world.CENTRE_JITTER):
+            mask = world.shape_mask(shape, 16.0, cy, world.RADIUS_RANGE[1])
             rows = np.nonzero(mask.any(axis=1))[0]
             assert low <= rows.min() and rows.max() < high, (shape, cy, rows.min(), rows.max())
 
