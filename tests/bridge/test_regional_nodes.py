@@ -10,7 +10,7 @@ import torch
 import comfy.sample
 from comfy_models import tiny_flux
 from lora_loom.composition.adapters import AdapterSet, LoRA
-from lora_loom.composition.comfy_bridge.regional import parse_rule_blocks
+from lora_loom.composition.comfy_bridge.regional import ComposeOptions, compose, parse_rule_blocks
 from lora_loom.composition.comfy_bridge.reinit import (ConceptMaps, ReinitWrapper, TokenBox, best_window,
                                                       reinitialise_noise)
 from lora_loom.composition.plan import PlanError
@@ -92,6 +92,15 @@ def test_rule_blocks(text, expected):
     assert parse_rule_blocks(text) == expected
 
 
+def test_region_prompt_padding_is_trimmed_only_when_asked(flux, regions):
+    trimmed = LoomCompose.execute(flux, StubClip(), "a meadow", regions, latent_reinit=False).args[1]
+    full = compose(flux, StubClip(), "a meadow", list(regions),
+                   ComposeOptions(latent_reinit=False, trim_region_padding=False)).conditioning
+    assert full[0][0].shape == (1, 24, 48)
+    kept = torch.cat([full[0][0][:, :8], full[0][0][:, 8:13], full[0][0][:, 16:21]], dim=1)
+    assert torch.equal(trimmed[0][0], kept)
+
+
 def test_rule_blocks_errors_name_the_item():
     with pytest.raises(PlanError, match="'x3'"):
         parse_rule_blocks("d0 x3")
@@ -108,7 +117,8 @@ def _sample(model, positive, negative, cfg: float, seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_compose_samples_with_ksampler_and_leaves_the_model_untouched(flux, regions, cfg):
     model, conditioning = LoomCompose.execute(flux, StubClip(), "a meadow", regions, latent_reinit=False).args
-    assert conditioning[0][0].shape == (1, 24, 48) and "pooled_output" in conditioning[0][1]
+    # the global prompt keeps its 8 tokens; each 3-word region prompt keeps start + words + end (padding trimmed)
+    assert conditioning[0][0].shape == (1, 8 + 5 + 5, 48) and "pooled_output" in conditioning[0][1]
     negative = [[torch.zeros_like(conditioning[0][0]), dict(conditioning[0][1])]]
     composed = _sample(model, conditioning, negative, cfg)
     plain = _sample(flux, conditioning, negative, cfg)
