@@ -92,6 +92,10 @@ class LoomCompose(io.ComfyNode):
                                  tooltip="LoRA-Composer: move each concept's best noise window into its box"),
                 io.Boolean.Input("refinement", default=False,
                                  tooltip="LoRA-Composer test-time latent refinement (slow)"),
+                io.Boolean.Input("global_text_adapters", default=True, optional=True,
+                                 tooltip="read the global prompt's words with every region's LoRAs (trigger words "
+                                         "there mean what the LoRAs taught); off: strict isolation, no region's "
+                                         "LoRA reaches another region even through the global prompt"),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="CONDITIONING")],
         )
@@ -100,11 +104,12 @@ class LoomCompose(io.ComfyNode):
     def execute(cls, model, clip, global_prompt: str, regions, background: str = "global", base_ratio: float = 0.2,
                 injection: bool = True, isolation: bool = True, rule_blocks: str = "all",
                 rules_end_percent: float = 0.4, latent_reinit: bool = True,
-                refinement: bool = False) -> io.NodeOutput:
+                refinement: bool = False, global_text_adapters: bool = True) -> io.NodeOutput:
         double_blocks, single_blocks = parse_rule_blocks(rule_blocks)
         options = ComposeOptions(background=background, base_ratio=base_ratio, injection=injection,
                                  isolation=isolation, double_blocks=double_blocks, single_blocks=single_blocks,
-                                 end_percent=rules_end_percent, latent_reinit=latent_reinit, refinement=refinement)
+                                 end_percent=rules_end_percent, latent_reinit=latent_reinit, refinement=refinement,
+                                 global_text_adapters=global_text_adapters)
         result = compose(model, clip, global_prompt, list(regions), options)
         return io.NodeOutput(result.model, result.conditioning)
 

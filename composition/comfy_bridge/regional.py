@@ -59,7 +59,10 @@ class ComposeOptions:
     percent ``[start_percent, end_percent)``; ``attention_path`` "grouped" (no L×L mask) or "dense";
     ``trim_region_padding``: region prompts keep their start, words and end token but not the padding after
     (the padding of every region prompt would otherwise run through every block: 4 CLIP-L region prompts add 308
-    text tokens, trimmed ~40; the global prompt keeps its full length)."""
+    text tokens, trimmed ~40; the global prompt keeps its full length); ``global_text_adapters``: the global
+    prompt's tokens are read with every region's adapters (text stream), as a merged stack reads them — without
+    it a concept word in the global prompt is a word the base model never learned (measured on the playground:
+    regional presence 0.16 -> 0.44, ``loom bench quality``)."""
 
     background: str = "global"
     base_ratio: float = 0.2
@@ -75,6 +78,7 @@ class ComposeOptions:
     attention_path: str = "grouped"
     region_threshold: float = 0.5
     trim_region_padding: bool = True
+    global_text_adapters: bool = True
 
     def rules(self) -> tuple[RuleSchedule, ...]:
         names = [n for n, on in (("injection", self.injection), ("isolation", self.isolation),
@@ -281,6 +285,8 @@ class RegionalComposition:
             for k, span in enumerate(spans.region_spans):
                 if self.plan.regions[k].options.adapters_on_text:
                     txt[b, span.start:span.end, k] = 1.0
+                    if self.options.global_text_adapters:
+                        txt[b, spans.global_span.start:spans.global_span.end, k] = 1.0
             labels = label_joint_sequence(self.plan, masks[:, int(latent_index[b])], spans,
                                           n_image_tokens=grid + extra_tokens)
             sig = labels.numpy().tobytes()

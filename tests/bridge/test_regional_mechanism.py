@@ -191,8 +191,10 @@ def _record_blocks(clone, n_double: int, n_single: int, feed: dict | None = None
 def test_isolation_keeps_other_regions_bit_identical(flux, inputs, background):
     """Adapter b (right region) in or out of the plan: left/background image tokens' block outputs are equal
     bit for bit in every block (isolation active everywhere), given the same block inputs. Base-ratio blending
-    is off: it mixes in a non-isolated base attention by design (Regional-Prompting-FLUX)."""
-    options = ComposeOptions(background=background, base_blend=False, latent_reinit=False, **ALWAYS)
+    is off: it mixes in a non-isolated base attention by design (Regional-Prompting-FLUX); so are global-text
+    adapters: they read the shared global prompt with every region's adapters (the test below)."""
+    options = ComposeOptions(background=background, base_blend=False, latent_reinit=False,
+                             global_text_adapters=False, **ALWAYS)
     with_b, composition, encoded = two_regions(flux, options)
     without_b, _, _ = two_regions(flux, options, with_b=False)
     record = _record_blocks(with_b, 2, 2)
@@ -210,6 +212,19 @@ def test_isolation_keeps_other_regions_bit_identical(flux, inputs, background):
         assert not torch.equal(img[:, right], other[:, right]), key  # adapter b really acted
         compared += 1
     assert compared == 4
+
+
+def test_global_text_adapters_read_the_global_prompt_with_every_region_adapter(flux):
+    on, composition, encoded = two_regions(flux, ComposeOptions(latent_reinit=False, **ALWAYS))
+    off, strict, _ = two_regions(flux, ComposeOptions(latent_reinit=False, global_text_adapters=False, **ALWAYS))
+    spans = encoded.spans
+    shared = composition.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu")).weights["txt"][0]
+    alone = strict.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu")).weights["txt"][0]
+    assert shared[spans.global_span.start:spans.global_span.end].eq(1).all()
+    assert alone[spans.global_span.start:spans.global_span.end].eq(0).all()
+    for k, span in enumerate(spans.region_spans):  # region prompts: only their own region's adapters either way
+        assert torch.equal(shared[span.start:span.end], alone[span.start:span.end])
+        assert shared[span.start:span.end, k].eq(1).all() and shared[span.start:span.end].sum() == span.end - span.start
 
 
 def test_probed_probabilities_obey_the_rules(flux, inputs):

@@ -141,6 +141,9 @@ def test_region_token_weights() -> None:
     assert weights.shape == (2, 6 + 16, 2)
     assert weights[:, 2:5, 0].eq(1).all() and weights[:, :2].eq(0).all() and weights[:, 5, 1].eq(0).all()
     assert weights[0, 6:10, 0].tolist() == [1.0, 0.5, 0.0, 0.0] and weights[0, 6:10, 1].tolist() == [0, 0, 1, 1]
+    shared = region_token_weights(plan, masks, spans, global_text=True)
+    assert shared[:, :2, 0].eq(1).all() and shared[:, :2, 1].eq(0).all()  # b keeps its adapters off text
+    assert torch.equal(shared[:, 2:], weights[:, 2:])
 
 
 @pytest.mark.parametrize("background", ["global", "isolated", "shared"])
