@@ -11,6 +11,7 @@ import logging
 from .demo_loras import demo_sha256
 from .fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 from .paths import REPO
+from .playground_loras import playground_sha256
 from .server import ComfyServer, prepare_workspace
 from .workflow import GraphBuilder
 
@@ -199,7 +200,55 @@ def gated_stack(info: dict) -> dict:
     return g.workflow()
 
 
-BUILDERS = {"loom_demo.json": demo, "loom_two_regions.json": two_regions,
+# The default run (``make run``): two concept LoRAs of the playground world, each in its own half.
+PLAYGROUND_REGIONS = (("playground_ring.safetensors", "a blue ring on the left", (0.0, 0.0, 0.5, 1.0)),
+                      ("playground_stripes.safetensors", "a yellow striped triangle on the right", (0.5, 0.0, 1.0, 1.0)))
+PLAYGROUND_PROMPT = "a blue ring on the left and a yellow striped triangle on the right"
+PLAYGROUND_SEED = 3
+
+
+def playground(info: dict) -> dict:
+    """The playground Flux trained in this repository composing two concept LoRAs it never merged (the ring
+    shape on the left, the striped texture on the right) with Loom Compose; the 64x64 result is saved 4x
+    enlarged (nearest) beside a preview of the regions."""
+    g = GraphBuilder(info)
+    base = g.add("LoomPlaygroundModel", (40, 40), title="Loom Playground Model")
+    previous = None
+    for i, (lora, prompt, box) in enumerate(PLAYGROUND_REGIONS):
+        rows = json.dumps([{"lora": lora, "on": True, "strength": 1.0, "sha256": playground_sha256(lora)}], indent=1)
+        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"Concept LoRA for region {i + 1}", rows=rows)
+        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
+                       x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+        g.nodes[stack - 1]["size"] = [440, 260]
+        g.nodes[region - 1]["size"] = [340, 540]
+        g.connect(base, 0, stack, "model")
+        g.connect(stack, 2, region, "adapters")
+        if previous is not None:
+            g.connect(previous, 0, region, "regions")
+        previous = region
+    compose = g.add("LoomCompose", (1300, 40), global_prompt=PLAYGROUND_PROMPT, rules_end_percent=1.0)
+    g.nodes[compose - 1]["size"] = [340, 600]
+    neg = g.add("CLIPTextEncode", (1300, 700), text="")
+    latent = g.add("LoomPlaygroundLatent", (1300, 920), width=64, height=64, batch_size=1)
+    sampler = g.add("KSampler", (1700, 40), seed=PLAYGROUND_SEED, steps=20,
+                    cfg=3.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    decode = g.add("LoomPlaygroundDecode", (2060, 40))
+    enlarge = g.add("ImageScaleBy", (2060, 200), upscale_method="nearest-exact", scale_by=4.0)
+    save = g.add("SaveImage", (2400, 40), filename_prefix="loom_playground")
+    preview = g.add("LoomRegionPreview", (2060, 700), width=256, height=256)
+    save_preview = g.add("SaveImage", (2400, 700), filename_prefix="loom_playground_regions")
+    for src, slot, dst, name in ((base, 0, compose, "model"), (base, 1, compose, "clip"),
+                                 (previous, 0, compose, "regions"), (base, 1, neg, "clip"),
+                                 (compose, 0, sampler, "model"), (compose, 1, sampler, "positive"),
+                                 (neg, 0, sampler, "negative"), (latent, 0, sampler, "latent_image"),
+                                 (sampler, 0, decode, "samples"), (decode, 0, enlarge, "image"),
+                                 (enlarge, 0, save, "images"), (previous, 0, preview, "regions"),
+                                 (preview, 0, save_preview, "images")):
+        g.connect(src, slot, dst, name)
+    return g.workflow()
+
+
+BUILDERS = {"loom_playground.json": playground, "loom_demo.json": demo, "loom_two_regions.json": two_regions,
             "loom_library_compose.json": library_compose,
             "loom_gated_stack.json": gated_stack, "loom_clora.json": clora}
 

@@ -15,7 +15,7 @@ from .workflow import ui_to_api
 
 log = logging.getLogger("loom.run")
 
-DEFAULT_WORKFLOW = REPO / "example_workflows" / "loom_demo.json"
+DEFAULT_WORKFLOW = REPO / "example_workflows" / "loom_playground.json"
 
 
 def run_workflow(server: ComfyServer, workflow_path: Path) -> list[Path]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from .demo_loras import place_demo_loras
 from .fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE, ensure_fixtures
 from .paths import REPO, WORKSPACE, comfyui_path
+from .playground_loras import place_playground_loras
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ MODEL_FOLDERS = ("diffusion_models", "text_encoders", "clip", "vae", "loras", "c
 
 def prepare_workspace(workspace: Path = WORKSPACE) -> Path:
     """Create the ComfyUI base directory with this pack linked into custom_nodes, the demo models linked and the
-    demo LoRAs (``loom_demo_*.safetensors`` with previews) copied into ``models/loras``."""
+    demo LoRAs (``loom_demo_*.safetensors``) and the playground's concept LoRAs (``playground_*.safetensors``),
+    with previews, copied into ``models/loras``."""
     for sub in ("custom_nodes", "input", "output", "temp", "user", *(f"models/{m}" for m in MODEL_FOLDERS)):
         (workspace / sub).mkdir(parents=True, exist_ok=True)
     _link(workspace / "custom_nodes" / "lora-loom", REPO)
@@ -40,6 +42,7 @@ def prepare_workspace(workspace: Path = WORKSPACE) -> Path:
     _link(workspace / "models" / "text_encoders" / CLIP_FILE, fixtures / CLIP_FILE)
     _link(workspace / "models" / "vae" / VAE_FILE, fixtures / VAE_FILE)
     place_demo_loras(workspace / "models" / "loras")
+    place_playground_loras(workspace / "models" / "loras")
     return workspace
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from loomdev.demo_loras import place_demo_loras
+from loomdev.playground_loras import place_playground_loras
 from loomdev.server import ComfyServer, prepare_workspace
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # browser.py
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> Path:
-    """A fresh ComfyUI base directory for the session (pack linked, demo models placed, empty loras)."""
+    """A fresh ComfyUI base directory for the session (pack linked, demo models and LoRAs placed)."""
     return prepare_workspace(tmp_path_factory.mktemp("comfy-workspace"))
 
 
@@ -38,9 +39,10 @@ def object_info(comfy_server) -> dict:
 
 @pytest.fixture()
 def loras_dir(workspace: Path) -> Path:
-    """The server's loras folder (cleared of test files after each test; the demo LoRAs stay)."""
+    """The server's loras folder (cleared of test files after each test; the demo and playground LoRAs stay)."""
     folder = workspace / "models" / "loras"
     yield folder
     for child in folder.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     place_demo_loras(folder)
+    place_playground_loras(folder)

@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from loomdev.workflow import ui_to_api
+from lora_loom.playground import detector
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,10 +55,19 @@ def test_every_example_workflow_runs_to_an_image(comfy_server, object_info):
             assert img.size[0] >= 64 and img.size[1] >= 64
 
 
-def test_run_command_once_produces_an_image(tmp_path):
-    """`make run ARGS=--once` in miniature: the main job through its own server, exiting after the image."""
+def test_run_command_once_draws_both_concepts_in_their_regions(tmp_path):
+    """`make run ARGS=--once`: the main job through its own server, exiting after the image. The default workflow
+    composes the playground's ring LoRA (left half) and stripes LoRA (right half); the exact detector must find
+    a blue ring on the left and a yellow striped triangle on the right of the saved (4x enlarged) picture."""
     proc = subprocess.run([sys.executable, "-m", "loomdev.run", "--once"], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = re.findall(r"image written: (\S+\.png)", proc.stderr)
     assert written and Path(written[0]).is_file(), proc.stderr[-2000:]
+    picture = next(Path(p) for p in written if "loom_playground_regions" not in p)
+    with Image.open(picture) as img:
+        assert img.size == (256, 256)
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32)[::4, ::4] / 255.0
+    left, right = detector.detect(pixels, (0.0, 0.0, 0.5, 1.0)), detector.detect(pixels, (0.5, 0.0, 1.0, 1.0))
+    assert left.matches(shape="ring", colour="blue", texture="solid"), left
+    assert right.matches(shape="triangle", colour="yellow", texture="striped"), right
