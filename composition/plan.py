@@ -197,12 +197,15 @@ class RefinementOptions:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """base_ratio: β in ``h = (1-β)·h_regional + β·h_base``; latent_reinit: LoRA-Composer's window search."""
+    """base_ratio: β in ``h = (1-β)·h_regional + β·h_base``; latent_reinit: LoRA-Composer's window search;
+    regions_see_global: while injection applies, a region's image tokens also attend to the global prompt (off:
+    only to their own region prompt, LoRA-Composer's concept injection)."""
 
     base_ratio: float = 0.2
     latent_reinit: bool = False
     refinement: RefinementOptions = RefinementOptions()
     region_threshold: float = 0.5
+    regions_see_global: bool = False
 
 
 def default_rules() -> tuple[RuleSchedule, ...]:

@@ -11,7 +11,7 @@ Group ids (G = 2 + 2·N for N regions):
 Rules, with *injection* on:
     global text   -> global text, every image token (it describes the whole canvas);
     region-k text -> region-k text and region-k image only;
-    region-k image-> region-k text and global text (never other region prompts);
+    region-k image-> region-k text (and global text with ``options.regions_see_global``), no other prompt;
     background img-> global text (``background="shared"``: also every region prompt).
 With injection off every query sees every text token, and text queries see everything.
 With *isolation* on: region-k image <-> region-j image is forbidden for j != k; background image tokens
@@ -159,7 +159,8 @@ def allowed_groups(plan: Plan, rules: ActiveRules) -> torch.Tensor:
             tk, ik = region_text_group(k), region_image_group(k)
             allowed[tk, :] = False
             allowed[tk, tk] = allowed[tk, ik] = True
-            allowed[ik, tk] = allowed[ik, GLOBAL_TEXT] = True
+            allowed[ik, tk] = True
+            allowed[ik, GLOBAL_TEXT] = plan.options.regions_see_global
             if plan.background == "shared":
                 allowed[BACKGROUND_IMAGE, tk] = True
     if rules.isolation:

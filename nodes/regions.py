@@ -86,8 +86,9 @@ class LoomCompose(io.ComfyNode):
                 io.Boolean.Input("isolation", default=True, tooltip="regions' image tokens do not see each other"),
                 io.String.Input("rule_blocks", default="all",
                                 tooltip="blocks where the rules apply: 'all' or e.g. 'd0-18 s0-19' (0-based)"),
-                io.Float.Input("rules_end_percent", default=0.4, min=0.0, max=1.0, step=0.01,
-                               tooltip="the rules apply from the start to this fraction of sampling"),
+                io.Float.Input("rules_end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="the rules apply from the start to this fraction of sampling (1.0: every step, "
+                                       "LoRA-Composer; ~0.4: early steps only, Regional-Prompting-FLUX)"),
                 io.Boolean.Input("latent_reinit", default=True,
                                  tooltip="LoRA-Composer: move each concept's best noise window into its box"),
                 io.Boolean.Input("refinement", default=False,
@@ -96,6 +97,9 @@ class LoomCompose(io.ComfyNode):
                                  tooltip="read the global prompt's words with every region's LoRAs (trigger words "
                                          "there mean what the LoRAs taught); off: strict isolation, no region's "
                                          "LoRA reaches another region even through the global prompt"),
+                io.Boolean.Input("regions_see_global_prompt", default=False, optional=True,
+                                 tooltip="while the rules apply, regions also read the global prompt (off: each "
+                                         "region reads only its own prompt, LoRA-Composer's concept injection)"),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.Conditioning.Output(display_name="CONDITIONING")],
         )
@@ -103,13 +107,15 @@ class LoomCompose(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, global_prompt: str, regions, background: str = "global", base_ratio: float = 0.2,
                 injection: bool = True, isolation: bool = True, rule_blocks: str = "all",
-                rules_end_percent: float = 0.4, latent_reinit: bool = True,
-                refinement: bool = False, global_text_adapters: bool = True) -> io.NodeOutput:
+                rules_end_percent: float = 1.0, latent_reinit: bool = True,
+                refinement: bool = False, global_text_adapters: bool = True,
+                regions_see_global_prompt: bool = False) -> io.NodeOutput:
         double_blocks, single_blocks = parse_rule_blocks(rule_blocks)
         options = ComposeOptions(background=background, base_ratio=base_ratio, injection=injection,
                                  isolation=isolation, double_blocks=double_blocks, single_blocks=single_blocks,
                                  end_percent=rules_end_percent, latent_reinit=latent_reinit, refinement=refinement,
-                                 global_text_adapters=global_text_adapters)
+                                 global_text_adapters=global_text_adapters,
+                                 regions_see_global=regions_see_global_prompt)
         result = compose(model, clip, global_prompt, list(regions), options)
         return io.NodeOutput(result.model, result.conditioning)
 

@@ -62,7 +62,8 @@ class ComposeOptions:
     text tokens, trimmed ~40; the global prompt keeps its full length); ``global_text_adapters``: the global
     prompt's tokens are read with every region's adapters (text stream), as a merged stack reads them — without
     it a concept word in the global prompt is a word the base model never learned (measured on the playground:
-    regional presence 0.16 -> 0.44, ``loom bench quality``)."""
+    regional presence 0.16 -> 0.44, ``loom bench quality``); ``regions_see_global``: while injection applies a
+    region's image tokens also read the global prompt (off: only their own prompt; see plan.MethodOptions)."""
 
     background: str = "global"
     base_ratio: float = 0.2
@@ -72,13 +73,14 @@ class ComposeOptions:
     double_blocks: frozenset[int] | None = None
     single_blocks: frozenset[int] | None = None
     start_percent: float = 0.0
-    end_percent: float = 0.4
+    end_percent: float = 1.0
     latent_reinit: bool = True
     refinement: bool = False
     attention_path: str = "grouped"
     region_threshold: float = 0.5
     trim_region_padding: bool = True
     global_text_adapters: bool = True
+    regions_see_global: bool = False
 
     def rules(self) -> tuple[RuleSchedule, ...]:
         names = [n for n, on in (("injection", self.injection), ("isolation", self.isolation),
@@ -170,7 +172,7 @@ def build_plan(global_prompt: str, regions: list[ComposedRegion], options: Compo
     if not regions:
         raise PlanError("Loom Compose: no regions given (connect a Loom Region)")
     method = MethodOptions(base_ratio=options.base_ratio, latent_reinit=options.latent_reinit,
-                           region_threshold=options.region_threshold)
+                           region_threshold=options.region_threshold, regions_see_global=options.regions_see_global)
     method = replace(method, refinement=replace(method.refinement, enabled=options.refinement))
     return Plan(global_prompt=global_prompt, regions=tuple(r.region for r in regions),
                 background=options.background, rules=options.rules(), options=method).validate()

@@ -1,6 +1,8 @@
 """Regional attention rules: labelling, allowed matrix per background mode, schedule, blending, probes."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ ON = ActiveRules(injection=True, isolation=True, base_blend=False)
 
 @pytest.mark.parametrize("background, rules, query, key, expected", [
     # concept injection
-    ("global", ON, I1, T1, True), ("global", ON, I1, T0, True), ("global", ON, I1, T2, False),
+    ("global", ON, I1, T1, True), ("global", ON, I1, T0, False), ("global", ON, I1, T2, False),
     ("global", ON, T1, T1, True), ("global", ON, T1, I1, True), ("global", ON, T1, T0, False),
     ("global", ON, T1, T2, False), ("global", ON, T1, I2, False), ("global", ON, T1, BG, False),
     ("global", ON, T0, T0, True), ("global", ON, T0, T1, False), ("global", ON, T0, I1, True),
@@ -48,6 +50,16 @@ ON = ActiveRules(injection=True, isolation=True, base_blend=False)
 ])
 def test_allowed_matrix(background: str, rules: ActiveRules, query: int, key: int, expected: bool) -> None:
     assert bool(allowed_groups(_plan(background), rules)[query, key]) is expected
+
+
+def test_regions_see_the_global_prompt_only_when_asked() -> None:
+    plan = _plan()
+    seeing = dataclasses.replace(plan, options=dataclasses.replace(plan.options, regions_see_global=True))
+    strict, open_ = allowed_groups(plan, ON), allowed_groups(seeing, ON)
+    assert not strict[I1, T0] and not strict[I2, T0] and open_[I1, T0] and open_[I2, T0]
+    changed = (strict != open_).nonzero().tolist()
+    assert sorted(changed) == sorted([[I1, T0], [I2, T0]])
+    assert Plan.from_dict(seeing.to_dict()).options.regions_see_global is True
 
 
 def test_all_rules_off_is_unrestricted() -> None:
