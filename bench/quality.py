@@ -9,7 +9,8 @@ playground latent exactly and scores the image with the exact detector (:mod:`..
 Methods: ``base`` (no LoRA, reference), ``merged`` (every case LoRA merged by ComfyUI's patches; the naive
 baseline), ``switch`` / ``composite`` (Loom LoRA Stack modes), ``regional`` / ``regional+refine`` (one Loom LoRA
 Stack per half -> Loom Region with the region prompt -> Loom Compose, refinement off / on; other Compose
-options at their node defaults), ``clora`` (one Loom CLoRA Concept per LoRA with its trigger word -> Loom CLoRA
+options at their node defaults: rules for every step), ``regional@0.4`` (the same with the attention rules
+stopping at 40 % of sampling, Regional-Prompting-FLUX's schedule), ``clora`` (one Loom CLoRA Concept per LoRA with its trigger word -> Loom CLoRA
 at its node defaults). LoRA ``playground_<concept>.safetensors`` is found through ComfyUI's ``loras`` folders,
 with the pack's playground folder registered first for the run (:func:`playground_loras`).
 
@@ -43,7 +44,7 @@ from ..playground.world import concept
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("base", "merged", "switch", "composite", "regional", "regional+refine", "clora")
+METHODS = ("base", "merged", "switch", "composite", "regional", "regional+refine", "regional@0.4", "clora")
 BASELINE = "merged"
 GRID_SCALE, GRID_GAP, GRID_LABEL_WIDTH, GRID_HEADER = 2, 2, 112, 14
 
@@ -156,13 +157,15 @@ def method_setup(method: str, playground: PlaygroundModel, case: Case) -> tuple[
     if method in ("merged", "switch", "composite"):
         stacked, stacked_clip = _stack(model, case.concepts, clip, mode=method)[:2]
         return stacked, encode(stacked_clip, case.prompt), encode(stacked_clip, "")
-    if method in ("regional", "regional+refine"):
+    if method in ("regional", "regional+refine", "regional@0.4"):
         regions = None
         for region in case.regions:
             adapters = _stack(model, region.concepts)[2] if region.concepts else None
             regions = LoomRegion.execute(region.prompt, *region.box, adapters=adapters, regions=regions).result[0]
         composed, positive = LoomCompose.execute(model, clip, case.prompt, regions,
-                                                 refinement=method == "regional+refine").result
+                                                 refinement=method == "regional+refine",
+                                                 rules_end_percent=0.4 if method == "regional@0.4" else 1.0
+                                                 ).result
         return composed, positive, encode(clip, "")
     if method == "clora":
         concepts = None
@@ -231,6 +234,21 @@ def run_quality(config: QualityConfig = QualityConfig(), playground: PlaygroundM
                                error=errors.get(method, "")))
     return QualityReport(config, tuple(rows), {m: tuple(s) for m, s in scores.items() if m not in errors},
                          {key: image for key, image in samples.items() if key[1] not in errors})
+
+
+def concept_vanishing(report: QualityReport) -> dict[str, dict[str, float]]:
+    """Per method, per concept name: the share of that concept's appearances in the cases where it vanished."""
+    cases = {case.name: case for case in report.config.selected_cases()}
+    table: dict[str, dict[str, float]] = {}
+    for method, scores in report.scores.items():
+        counts: dict[str, list[int]] = {}
+        for score in scores:
+            for name, vanished in zip(cases[score.case].concepts, score.vanished):
+                counts.setdefault(name, [0, 0])
+                counts[name][0] += int(vanished)
+                counts[name][1] += 1
+        table[method] = {name: gone / total for name, (gone, total) in counts.items()}
+    return table
 
 
 def grid_image(report: QualityReport) -> Image.Image:

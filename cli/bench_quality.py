@@ -46,6 +46,17 @@ def format_quality_table(rows: Sequence[QualityRow]) -> str:
     return "\n".join([show(header), show(["-" * w for w in widths]), *(show(line) for line in lines), *errors])
 
 
+def format_concept_table(table: dict[str, dict[str, float]]) -> str:
+    """Vanishing rate per method (rows) and concept (columns)."""
+    concepts = sorted({name for row in table.values() for name in row})
+    header = ["vanished per concept", *concepts]
+    lines = [[method, *(f"{row[c]:.2f}" if c in row else "-" for c in concepts)] for method, row in table.items()]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    show = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([show(header), show(["-" * w for w in widths]), *(show(line) for line in lines)])
+
+
 def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
     """One line per method with every field of the row."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +77,8 @@ def run_quality_command(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..bench.quality import BASELINE, METHODS, QualityConfig, QualityError, grid_image, run_quality
+    from ..bench.quality import (BASELINE, METHODS, QualityConfig, QualityError, concept_vanishing, grid_image,
+                                 run_quality)
 
     config = QualityConfig(cases=args.cases or (), seeds=args.seeds, first_seed=args.first_seed, steps=args.steps,
                            cfg=args.cfg, methods=args.methods or METHODS)
@@ -81,7 +93,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
     else:
         title = (f"loom bench quality: {len(config.selected_cases())} cases x {config.seeds} seeds, {config.steps} "
                  f"steps {config.sampler}/{config.scheduler}, cfg {config.cfg}, {config.size}x{config.size}")
-        sys.stdout.write(f"{title}\n{format_quality_table(rows)}\n")
+        sys.stdout.write(f"{title}\n{format_quality_table(rows)}\n\n{format_concept_table(concept_vanishing(report))}\n")
         below = report.below_baseline()
         if below:
             sys.stdout.write(f"below the naive {BASELINE} baseline on presence: {', '.join(below)}\n")

@@ -226,7 +226,7 @@ def playground(info: dict) -> dict:
         if previous is not None:
             g.connect(previous, 0, region, "regions")
         previous = region
-    compose = g.add("LoomCompose", (1300, 40), global_prompt=PLAYGROUND_PROMPT, rules_end_percent=1.0)
+    compose = g.add("LoomCompose", (1300, 40), global_prompt=PLAYGROUND_PROMPT)
     g.nodes[compose - 1]["size"] = [340, 600]
     neg = g.add("CLIPTextEncode", (1300, 700), text="")
     latent = g.add("LoomPlaygroundLatent", (1300, 920), width=64, height=64, batch_size=1)

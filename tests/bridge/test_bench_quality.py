@@ -13,7 +13,7 @@ from PIL import Image
 
 from lora_loom.bench import quality
 from lora_loom.cli import main
-from lora_loom.cli.bench_quality import format_quality_table
+from lora_loom.cli.bench_quality import format_concept_table, format_quality_table
 from lora_loom.playground.model import LORA_DIR
 
 CASE = "striped-star-ring"
@@ -47,7 +47,8 @@ def test_every_method_samples_and_is_scored(report, method):
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-@pytest.mark.parametrize("method", ["merged", "switch", "composite", "regional", "regional+refine"])
+@pytest.mark.parametrize("method", ["merged", "switch", "composite", "regional", "regional+refine",
+                                    "regional@0.4"])
 def test_lora_methods_change_the_image(report, method):
     assert not np.array_equal(report.samples[(CASE, method)], report.samples[(CASE, "base")])
 
@@ -96,3 +97,14 @@ def test_table_has_a_line_per_method_and_lists_errors_below(report):
     assert lines[2].split()[:2] == ["base", "1"] and lines[3].split()[0] == "merged"
     assert lines[4].split() == ["switch", "0", "-", "-", "-", "-", "failed"]
     assert lines[5] == "switch failed: ValueError: boom"
+
+
+def test_concept_vanishing_counts_each_concept_over_its_cases(report):
+    table = quality.concept_vanishing(report)
+    assert set(table) == set(quality.METHODS)
+    for method, row in table.items():
+        (score,) = report.scores[method]
+        assert row == {name: float(gone) for name, gone in zip(quality.case_named(CASE).concepts, score.vanished)}
+    lines = format_concept_table({"merged": {"ring": 0.25, "star": 0.5}, "base": {"star": 1.0}}).splitlines()
+    assert lines[0].split() == ["vanished", "per", "concept", "ring", "star"]
+    assert lines[2].split() == ["merged", "0.25", "0.50"] and lines[3].split() == ["base", "-", "1.00"]
