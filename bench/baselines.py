@@ -66,7 +66,7 @@ class MethodSetup:
 @dataclass(frozen=True)
 class Scene:
     """Prompts and layout shared by every method of one row: ``global_context [1, T, C]``, ``region_contexts``
-    (one ``[1, T, C]`` each), ``pooled [1, V]``, region boxes ``(x0, y0, x1, y1)`` as fractions, and the
+    (one ``[1, T_region, C]`` each), ``pooled [1, V]``, region boxes ``(x0, y0, x1, y1)`` as fractions, and the
     adapters each region paints."""
 
     global_context: torch.Tensor
@@ -82,12 +82,19 @@ def strip_boxes(n_regions: int) -> tuple[tuple[float, float, float, float], ...]
 
 
 def make_scene(entries: Sequence[StackEntry], n_regions: int, prompt_tokens: int, context_dim: int, vec_dim: int,
-               seed: int = 1) -> Scene:
-    """Random prompts; adapter ``i`` paints region ``i % n_regions`` (as ``run_compose_bench`` does)."""
+               seed: int = 1, region_tokens: int | None = None) -> Scene:
+    """Random prompts: the global one ``prompt_tokens`` long, each region prompt ``region_tokens`` long (None =
+    ``prompt_tokens``, untrimmed; Loom Compose trims a region prompt after its end token, so a few-word CLIP-L
+    region prompt keeps words + 2 tokens). Adapter ``i`` paints region ``i % n_regions`` (as ``run_compose_bench``
+    does)."""
     if n_regions < 1 or not entries:
         raise BaselineError(f"scene: need >= 1 region and >= 1 adapter, got {n_regions} and {len(entries)}")
+    if prompt_tokens < 1 or (region_tokens is not None and region_tokens < 1):
+        raise BaselineError(f"scene: prompt_tokens and region_tokens must be >= 1, got {prompt_tokens} and "
+                            f"{region_tokens}")
     gen = torch.Generator().manual_seed(seed)
-    contexts = [torch.randn(1, prompt_tokens, context_dim, generator=gen) for _ in range(1 + n_regions)]
+    lengths = [prompt_tokens] + [prompt_tokens if region_tokens is None else region_tokens] * n_regions
+    contexts = [torch.randn(1, length, context_dim, generator=gen) for length in lengths]
     painters = tuple(tuple(e for i, e in enumerate(entries) if i % n_regions == k) for k in range(n_regions))
     return Scene(contexts[0], tuple(contexts[1:]), torch.randn(1, vec_dim, generator=gen), strip_boxes(n_regions),
                  painters)
@@ -165,7 +172,8 @@ def gates_setup(patcher: Any, scene: Scene) -> MethodSetup:
 
 def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
     """Loom CLoRA with its default options: one concept per adapter (concept token ``1 + i`` of the global prompt
-    and of adapter i's own prompt, the region prompt of its region), 1 + N passes per step."""
+    and of adapter i's own prompt, the region prompt of its region — its last token when that prompt is shorter),
+    1 + N passes per step."""
     from ..composition.clora import CLoraOptions
     from ..composition.comfy_bridge.clora import (
         CLoraComposition,
@@ -178,8 +186,10 @@ def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
     n = len(entries)
     region_of = {e.path: k for k, group in enumerate(scene.painters) for e in group}
     base = EncodedPrompt("bench", scene.global_context, scene.pooled, {i: (1 + i,) for i in range(n)})
-    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", scene.region_contexts[region_of[e.path]], scene.pooled,
-                                            {i: (1 + i,)}) for i, e in enumerate(entries))
+    own = [scene.region_contexts[region_of[e.path]] for e in entries]
+    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", context, scene.pooled,
+                                            {i: (min(1 + i, int(context.shape[1]) - 1),)})
+                              for i, context in enumerate(own))
     concepts = [CLoraConcept("bench", f"c{i}", (e,)) for i, e in enumerate(entries)]
     patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
     composition = CLoraComposition(concepts, prompts, CLoraOptions(), patch)

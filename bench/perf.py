@@ -6,7 +6,8 @@ between consecutive step callbacks is one step (set-up, model loading and the fi
 interleaved ``repeats`` times within a row and the median of all their steps is kept, so a shared or busy machine
 slows every method alike and the ratios (vs the merged-LoRA step of the same row) compare like with like.
 Peak memory is measured on a separate two-step run after a warm-up (:mod:`.memory`). Each row carries the FLOP limit
-(:mod:`.flops`): a ratio reads against it.
+(:mod:`.flops`): a ratio reads against it. The global prompt is ``prompt_tokens`` long and every region prompt
+``region_tokens`` (Loom Compose trims a region prompt's padding after its end token); the limit counts the same.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ class PerfError(ValueError):
 @dataclass(frozen=True)
 class PerfConfig:
     """A sweep: ``model`` preset, ``adapters`` × ``regions`` × ``resolutions`` (pixels, square), LoRA ``rank``,
-    ``prompt_tokens`` per prompt, ``steps`` sampled per method and repeat, ``repeats``, ``methods``, ``dtype``,
-    ``memory`` (the one-step peak probe), ``device`` (None = ComfyUI's)."""
+    ``prompt_tokens`` of the global prompt, ``region_tokens`` of each region prompt (default 12: what Loom Compose
+    keeps of a few-word CLIP-L region prompt once it trims the padding after the end token; 0 = ``prompt_tokens``,
+    untrimmed), ``steps`` sampled per method and repeat, ``repeats``, ``methods``, ``dtype``, ``memory`` (the
+    one-step peak probe), ``device`` (None = ComfyUI's)."""
 
     model: str = "small"
     adapters: tuple[int, ...] = (1, 4)
@@ -64,6 +67,7 @@ class PerfConfig:
     resolutions: tuple[int, ...] = (256,)
     rank: int = 16
     prompt_tokens: int = 77
+    region_tokens: int = 12
     steps: int = 4
     repeats: int = 3
     methods: tuple[str, ...] = METHODS
@@ -81,7 +85,15 @@ class PerfConfig:
             raise PerfError(f"steps/repeats: need steps >= 2 and repeats >= 1, got {self.steps}, {self.repeats}")
         if any(r % 16 for r in self.resolutions):
             raise PerfError(f"resolutions: {self.resolutions} must be multiples of 16")
+        if self.prompt_tokens < 1 or self.region_tokens < 0:
+            raise PerfError(f"prompt_tokens/region_tokens: need prompt_tokens >= 1 and region_tokens >= 0 "
+                            f"(0 = prompt_tokens), got {self.prompt_tokens}, {self.region_tokens}")
         return self
+
+    @property
+    def region_length(self) -> int:
+        """Tokens of each region prompt: ``region_tokens``, or ``prompt_tokens`` when it is 0 (untrimmed)."""
+        return self.region_tokens or self.prompt_tokens
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -91,7 +103,8 @@ class PerfConfig:
 
 @dataclass(frozen=True)
 class PerfRow:
-    """One method in one (resolution, adapters, regions) cell, ``image_tokens`` + ``text_tokens`` per pass.
+    """One method in one (resolution, adapters, regions) cell, ``image_tokens`` + ``text_tokens`` per pass (the
+    context actually sampled: global + region prompts for regional, one region prompt for a hook pass).
     ``step_ms`` median, ``step_ms_min``/``max`` its
     spread, ``samples`` steps timed; ``ratio`` = step / merged step of the cell; ``limit`` = FLOPs / merged
     FLOPs; ``peak_mib`` extra memory of one step; ``note`` says why a method is missing or how it was measured."""
@@ -210,7 +223,8 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
     latent_hw = (resolution // 8, resolution // 8)
     latent = torch.zeros(1, cfg["in_channels"], *latent_hw)
     entries = random_adapters(patcher, adapters, config.rank)
-    scene = baselines.make_scene(entries, regions, config.prompt_tokens, cfg["context_in_dim"], cfg["vec_in_dim"])
+    scene = baselines.make_scene(entries, regions, config.prompt_tokens, cfg["context_in_dim"], cfg["vec_in_dim"],
+                                 region_tokens=config.region_length)
     setups: dict[str, baselines.MethodSetup] = {}
     notes: dict[str, str] = {}
     for method in config.methods:
@@ -242,13 +256,13 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
         setup = setups[method]
         regional_pairs, base_pairs = attention_pairs(setup, image_tokens) if method == "regional" else (None, None)
         work = method_flops(method, shape, image_tokens, config.prompt_tokens, adapters, regions, config.rank,
-                            regional_pairs=regional_pairs, base_pairs=base_pairs)
+                            regional_pairs=regional_pairs, base_pairs=base_pairs, region_tokens=config.region_length)
         steps = timings[method].steps
         step = statistics.median(steps)
         peak = peaks.get(method, float("nan"))
         text = int(setup.positive[0][0].shape[1])
-        rows.append(PerfRow(**common, image_tokens=image_tokens, text_tokens=text, passes=setup.passes, step_ms=step, step_ms_min=min(steps),
-                            step_ms_max=max(steps), samples=len(steps), ratio=step / merged_ms,
+        rows.append(PerfRow(**common, image_tokens=image_tokens, text_tokens=text, passes=setup.passes, step_ms=step,
+                            step_ms_min=min(steps), step_ms_max=max(steps), samples=len(steps), ratio=step / merged_ms,
                             tflops=work.flops.total / 1e12, limit=work.limit, peak_mib=peak))
         logger.info("perf %s %d² %d adapters %d regions %s: %.1f ms (x%.3f, limit x%.3f)", config.model, resolution,
                     adapters, regions, method, step, step / merged_ms, work.limit)

@@ -23,6 +23,19 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like '1,2,4', got {text!r}") from exc
 
 
+def _region_tokens(text: str) -> int:
+    """``--region-tokens``: a count >= 0, or ``full`` (= 0: each region prompt as long as ``--prompt-tokens``)."""
+    if text.strip().lower() == "full":
+        return 0
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a token count or 'full', got {text!r}") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0 or 'full', got {value}")
+    return value
+
+
 def run_perf_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -42,12 +55,15 @@ def run_perf_command(args: argparse.Namespace) -> int:
             sweep[name] = getattr(args, name)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = PerfConfig(model=model, rank=args.rank, prompt_tokens=args.prompt_tokens, steps=args.steps,
-                        repeats=args.repeats, methods=tuple(args.methods or METHODS), dtype=args.dtype,
-                        memory=not args.no_memory, **sweep)
+    config = PerfConfig(model=model, rank=args.rank, prompt_tokens=args.prompt_tokens,
+                        region_tokens=args.region_tokens, steps=args.steps, repeats=args.repeats,
+                        methods=tuple(args.methods or METHODS), dtype=args.dtype, memory=not args.no_memory,
+                        **sweep).validate()
     rows = run_perf(config, progress=lambda r: logger.info("%s", r))
     device = rows[0].device if rows else "?"
-    title = f"loom bench perf: model {model}, device {device}, rank {args.rank}, {args.prompt_tokens} text tokens"
+    trimmed = "untrimmed" if config.region_tokens == 0 else "trimmed"
+    title = (f"loom bench perf: model {model}, device {device}, rank {args.rank}, {config.prompt_tokens} global + "
+             f"{config.region_length} per region prompt ({trimmed}) text tokens")
     sys.stdout.write(format_table(rows, title) + "\n")
     sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
     out = Path(args.out)
@@ -70,7 +86,11 @@ def register_perf(group: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="the issue's full sweep")
     p.add_argument("--methods", nargs="+", help="subset of methods to run")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens per prompt (default 77, CLIP-L)")
+    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens of the global prompt (default 77, "
+                                                                  "CLIP-L)")
+    p.add_argument("--region-tokens", type=_region_tokens, default=12, metavar="N|full",
+                   help="text tokens of each region prompt (default 12: a few-word CLIP-L region prompt once Loom "
+                        "Compose trims its padding; 0 or 'full' = --prompt-tokens, untrimmed)")
     p.add_argument("--steps", type=int, default=4, help="sampler steps per method and repeat (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per cell (default 3)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

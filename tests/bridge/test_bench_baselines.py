@@ -1,5 +1,5 @@
 """The benchmark's baselines predict what their definitions say, on a tiny Flux through ComfyUI's sampler, and the
-regional fast path holds no L×L tensor (a memory probe)."""
+regional fast path holds no L×L tensor (a memory probe); scenes, rows and FLOP limits follow ``region_tokens``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,16 @@ import pytest
 import torch
 from comfy_models import tiny_flux
 from lora_loom.bench import baselines
+from lora_loom.bench.flops import Workload, base_flops, method_flops
 from lora_loom.bench.memory import measure_peak
-from lora_loom.bench.perf import sample_steps
+from lora_loom.bench.perf import (
+    PerfConfig,
+    attention_pairs,
+    flux_shape,
+    run_cell,
+    sample_steps,
+)
+from lora_loom.bench.report import format_table
 from lora_loom.composition.comfy_bridge.bench_compose import random_adapters
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 
@@ -120,3 +128,32 @@ def test_clora_runs_one_plus_n_passes(patcher) -> None:
     got = denoised(clora)
     assert torch.isfinite(got).all()
     assert not torch.allclose(got, denoised(baselines.base_setup(patcher, scene)), atol=1e-3)
+
+
+def test_scene_and_rows_follow_region_tokens(patcher, tmp_path: Path) -> None:
+    """Global prompt 6 tokens, 3 region prompts trimmed to 2: the regional pass reads 6 + 3·2 = 12 text tokens, a
+    hook pass one region prompt (2); the rows (128² -> 8×8 = 64 image tokens) and their FLOP limits count the same."""
+    cfg = patcher.model.model_config.unet_config
+    entries = random_adapters(patcher, 3, rank=4)
+    scene = baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5, region_tokens=2)
+    assert scene.global_context.shape == (1, 6, cfg["context_in_dim"])
+    assert [tuple(c.shape) for c in scene.region_contexts] == [(1, 2, cfg["context_in_dim"])] * 3
+    untrimmed = baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5)
+    assert [c.shape[1] for c in untrimmed.region_contexts] == [6, 6, 6]
+    with pytest.raises(baselines.BaselineError, match="region_tokens"):
+        baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], region_tokens=0)
+
+    config = PerfConfig(prompt_tokens=6, region_tokens=2, rank=4, steps=2, repeats=1,
+                        methods=("merged", "regional", "hooks"), memory=False).validate()
+    assert config.region_length == 2 and PerfConfig(prompt_tokens=6, region_tokens=0).region_length == 6
+    rows = {r.method: r for r in run_cell(patcher, config, 128, 3, 3, tmp_path)}
+    assert {m: (r.image_tokens, r.text_tokens) for m, r in rows.items()} == {
+        "merged": (64, 6), "regional": (64, 12), "hooks": (64, 2)}
+    assert "64+12" in format_table(list(rows.values()))
+    shape = flux_shape(patcher)
+    regional = baselines.regional_setup(patcher, scene)
+    pairs, base = attention_pairs(regional, 64)
+    assert rows["regional"].limit == pytest.approx(
+        method_flops("regional", shape, 64, 6, 3, 3, 4, regional_pairs=pairs, base_pairs=base, region_tokens=2).limit)
+    assert rows["hooks"].limit == pytest.approx(3 * base_flops(shape, Workload(64, 2)).total
+                                                / base_flops(shape, Workload(64, 6)).total)

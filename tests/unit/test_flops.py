@@ -108,6 +108,38 @@ def test_regional_limit_flux_dev_1024() -> None:
     assert dense.limit == pytest.approx(full.limit)
 
 
+@pytest.mark.parametrize("method", ["regional", "dense_per_head"])
+def test_region_tokens_set_the_text_of_the_regional_pass(method: str) -> None:
+    """Global prompt 10 tokens, 4 region prompts of 3 (trimmed): the pass reads 10 + 4·3 = 22 text tokens, not 50.
+    By hand for TINY (D 32, M 128, 2 double + 3 single blocks, context 24): one text token costs
+    2·2·(32·96 + 32·32 + 32·128 + 128·32) + 3·2·(32·224 + 160·32) + 2·24·32 = 124416 FLOPs of Linears and, per
+    rank-2 adapter, 2·2·2·(128 + 64 + 160 + 160) + 3·2·2·(256 + 192) = 9472; attention (dense, base blend on)
+    is 5 blocks · 4·32 · 2·L² with L = 16 + 22 = 38."""
+    trimmed = method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=3)
+    assert trimmed.flops.attention == 5 * 4 * 32 * 2 * 38 ** 2 == 1848320
+    longer = method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=4)
+    assert longer.flops.linear - trimmed.flops.linear == 4 * 124416
+    assert longer.flops.adapters - trimmed.flops.adapters == 4 * 3 * 9472
+    merged = base_flops(TINY, Workload(16, 10)).total
+    assert trimmed.limit == pytest.approx(trimmed.flops.total / merged)
+    assert trimmed.flops.total == pytest.approx(base_flops(TINY, Workload(16, 22), 2 * 38 ** 2).total
+                                                + adapter_flops(TINY, Workload(16, 22), 3, 2))
+    untrimmed = method_flops(method, TINY, 16, 10, 3, 4, 2)
+    assert untrimmed == method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=10)
+    assert untrimmed.flops.attention == 5 * 4 * 32 * 2 * (16 + 50) ** 2
+    assert 1.0 < trimmed.limit < untrimmed.limit
+
+
+def test_region_tokens_set_each_hook_pass() -> None:
+    """A hook pass reads one region prompt: 3 passes of 4 text tokens against merged's 10."""
+    hooks = method_flops("hooks", TINY, 16, 10, 3, 3, 2, region_tokens=4)
+    assert hooks.passes == 3
+    assert hooks.limit == pytest.approx(3 * base_flops(TINY, Workload(16, 4)).total
+                                        / base_flops(TINY, Workload(16, 10)).total)
+    assert hooks.limit < 3.0
+    assert method_flops("hooks", TINY, 16, 10, 3, 3, 2).limit == pytest.approx(3.0)
+
+
 @pytest.mark.parametrize("shape", [FLUX_DEV, DEMO_FLUX, SMALL_FLUX])
 def test_gates_and_clora_bounds(shape: FluxShape) -> None:
     gates = method_flops("gates", shape, 1024, 77, 4, 1, 16)
@@ -119,6 +151,7 @@ def test_gates_and_clora_bounds(shape: FluxShape) -> None:
 @pytest.mark.parametrize(("call", "field"), [
     (lambda: method_flops("nope", SMALL_FLUX, 16, 4, 1, 1, 4), "method"),
     (lambda: method_flops("regional", SMALL_FLUX, 16, 4, 0, 1, 4), "adapters"),
+    (lambda: method_flops("regional", SMALL_FLUX, 16, 4, 1, 1, 4, region_tokens=0), "region_tokens"),
     (lambda: adapter_flops(SMALL_FLUX, Workload(4, 4), 1, 4, token_fraction=2.0), "token_fraction"),
     (lambda: base_flops(FluxShape(hidden=30, heads=4, depth=1, depth_single=1), Workload(4, 4)), "heads"),
     (lambda: workload_for(500, FLUX_DEV, 77), "resolution"),

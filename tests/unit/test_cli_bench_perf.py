@@ -1,0 +1,26 @@
+"""``loom bench perf --region-tokens``: a count, ``full`` (= 0, untrimmed) or an error naming the option."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from lora_loom.cli.bench_perf import register_perf
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="loom bench")
+    register_perf(parser.add_subparsers())
+    return parser.parse_args(["perf", *argv])
+
+
+@pytest.mark.parametrize(("argv", "tokens"), [((), 12), (("--region-tokens", "5"), 5),
+                                              (("--region-tokens", "full"), 0), (("--region-tokens", "0"), 0)])
+def test_region_tokens(argv: tuple[str, ...], tokens: int) -> None:
+    assert _parse(*argv).region_tokens == tokens
+
+
+@pytest.mark.parametrize("value", ["-1", "half"])
+def test_bad_region_tokens_name_the_option(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse("--region-tokens", value)
+    assert "--region-tokens" in capsys.readouterr().err
