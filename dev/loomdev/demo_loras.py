@@ -131,6 +131,16 @@ def ensure_demo_loras() -> Path:
     return out
 
 
+def write_if_different(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically unless the file already holds exactly it (a link is replaced)."""
+    if target.is_symlink() or not target.is_file() or target.read_bytes() != data:
+        if target.is_symlink():
+            target.unlink()
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+
 def place_demo_loras(loras_folder: Path) -> list[Path]:
     """Copy the demo LoRAs and previews into ``loras_folder`` where missing or different; the files placed."""
     source = ensure_demo_loras()
@@ -138,13 +148,7 @@ def place_demo_loras(loras_folder: Path) -> list[Path]:
     for demo in DEMO_LORAS:
         for name in (demo.file_name, demo.preview_name):
             target = loras_folder / name
-            data = (source / name).read_bytes()
-            if target.is_symlink() or not target.is_file() or target.read_bytes() != data:
-                if target.is_symlink():
-                    target.unlink()
-                tmp = target.with_name(target.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)
+            write_if_different(target, (source / name).read_bytes())
             placed.append(target)
     return placed
 

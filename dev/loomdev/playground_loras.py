@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from pathlib import Path
 
+from .demo_loras import write_if_different
 from .paths import REPO
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,14 @@ def preview_png(concept_name: str) -> bytes:
     return buffer.getvalue()
 
 
-def _write_if_different(target: Path, data: bytes) -> None:
-    if target.is_symlink() or not target.is_file() or target.read_bytes() != data:
-        if target.is_symlink():
-            target.unlink()
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-
-
 def place_playground_loras(loras_folder: Path) -> list[Path]:
     """Copy every playground concept LoRA and write its preview into ``loras_folder``; the LoRA files placed."""
     placed = []
     for source in sorted(PLAYGROUND_LORAS.glob("playground_*.safetensors")):
         target = loras_folder / source.name
-        _write_if_different(target, source.read_bytes())
+        write_if_different(target, source.read_bytes())
         concept_name = source.stem.removeprefix("playground_")
-        _write_if_different(loras_folder / f"{source.stem}.preview.png", preview_png(concept_name))
+        write_if_different(loras_folder / f"{source.stem}.preview.png", preview_png(concept_name))
         placed.append(target)
     if not placed:
         raise FileNotFoundError(f"{PLAYGROUND_LORAS}: no playground_*.safetensors; train them with "
