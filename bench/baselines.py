@@ -1,15 +1,19 @@
 """The methods a benchmark row compares, each set up the way its users run it, as (model, positive CONDITIONING).
 
 * ``base`` — the model alone; ``merged`` — every LoRA merged through ComfyUI's patch system (``apply_merged``);
-* ``regional`` — Loom regional composition (per-token adapters + grouped attention rules, one pass);
+* ``regional`` — Loom regional composition (per-token adapters + grouped attention rules, one pass) over the global
+  prompt and the *trimmed* region prompts (Loom Compose drops a region prompt's padding after its end token);
 * ``dense_per_head`` — the same composition with the global-patch peers' attention layout: a dense mask
   materialised per head, ``[B, H, L, L]``, rebuilt at every attention call (what replacing Flux's attention globally
-  with a masked one costs);
+  with a masked one costs). It models a peer, so its region prompts are *full length*, as the peers' users encode
+  them (none trims);
 * ``hooks`` — ComfyUI core hook LoRAs with masks, built with ComfyUI's *real* hook nodes: ``CreateHookLora``
   (chained per region) and ``ConditioningSetProperties`` (mask + hooks) from ``comfy_extras/nodes_hooks.py``;
-  ComfyUI's sampler then runs one pass per hook group and blends the predictions by mask;
+  ComfyUI's sampler then runs one pass per hook group and blends the predictions by mask; full-length region
+  prompts (hook conditioning is not trimmed);
 * ``gates`` — Loom gated LoRA stack (per-token adapters on the whole canvas, gates in the layers, one pass);
 * ``clora`` — Loom CLoRA (1 + N passes batched, attention probes, masked fusion; latent updates early on);
+  full-length prompts (CLoRA does not trim);
 * ``composite`` — LoRA Composite (Zhong et al.): one pass per LoRA, predictions averaged, expressed with the same
   hook nodes (one unmasked conditioning per LoRA; ComfyUI averages equal-strength conds).
 
@@ -66,14 +70,24 @@ class MethodSetup:
 @dataclass(frozen=True)
 class Scene:
     """Prompts and layout shared by every method of one row: ``global_context [1, T, C]``, ``region_contexts``
-    (one ``[1, T_region, C]`` each), ``pooled [1, V]``, region boxes ``(x0, y0, x1, y1)`` as fractions, and the
-    adapters each region paints."""
+    (one full-length ``[1, T, C]`` each, what the peers sample), ``pooled [1, V]``, region boxes ``(x0, y0, x1, y1)``
+    as fractions, the adapters each region paints, and ``region_tokens``: how much of each region prompt Loom
+    Compose keeps once it trims the padding (None = all of it)."""
 
     global_context: torch.Tensor
     region_contexts: tuple[torch.Tensor, ...]
     pooled: torch.Tensor
     boxes: tuple[tuple[float, float, float, float], ...]
     painters: tuple[tuple[StackEntry, ...], ...]
+    region_tokens: int | None = None
+
+    @property
+    def trimmed_region_contexts(self) -> tuple[torch.Tensor, ...]:
+        """Loom's region prompts: the first ``region_tokens`` of each (trimming keeps the words and the end token,
+        a prefix), ``[1, region_tokens, C]`` each."""
+        if self.region_tokens is None:
+            return self.region_contexts
+        return tuple(c[:, :self.region_tokens] for c in self.region_contexts)
 
 
 def strip_boxes(n_regions: int) -> tuple[tuple[float, float, float, float], ...]:
@@ -83,21 +97,20 @@ def strip_boxes(n_regions: int) -> tuple[tuple[float, float, float, float], ...]
 
 def make_scene(entries: Sequence[StackEntry], n_regions: int, prompt_tokens: int, context_dim: int, vec_dim: int,
                seed: int = 1, region_tokens: int | None = None) -> Scene:
-    """Random prompts: the global one ``prompt_tokens`` long, each region prompt ``region_tokens`` long (None =
-    ``prompt_tokens``, untrimmed; Loom Compose trims a region prompt after its end token, so a few-word CLIP-L
-    region prompt keeps words + 2 tokens). Adapter ``i`` paints region ``i % n_regions`` (as ``run_compose_bench``
-    does)."""
+    """Random prompts, each ``prompt_tokens`` long; Loom's regional method keeps the first ``region_tokens`` of
+    each region prompt (None = all; Loom Compose trims a region prompt after its end token, so a few-word CLIP-L
+    region prompt keeps words + 2 tokens), the peers sample them whole. Adapter ``i`` paints region
+    ``i % n_regions`` (as ``run_compose_bench`` does)."""
     if n_regions < 1 or not entries:
         raise BaselineError(f"scene: need >= 1 region and >= 1 adapter, got {n_regions} and {len(entries)}")
-    if prompt_tokens < 1 or (region_tokens is not None and region_tokens < 1):
-        raise BaselineError(f"scene: prompt_tokens and region_tokens must be >= 1, got {prompt_tokens} and "
-                            f"{region_tokens}")
+    if prompt_tokens < 1 or (region_tokens is not None and not 1 <= region_tokens <= prompt_tokens):
+        raise BaselineError(f"scene: need prompt_tokens >= 1 and 1 <= region_tokens <= prompt_tokens (a trimmed "
+                            f"prompt is never longer), got {prompt_tokens} and {region_tokens}")
     gen = torch.Generator().manual_seed(seed)
-    lengths = [prompt_tokens] + [prompt_tokens if region_tokens is None else region_tokens] * n_regions
-    contexts = [torch.randn(1, length, context_dim, generator=gen) for length in lengths]
+    contexts = [torch.randn(1, prompt_tokens, context_dim, generator=gen) for _ in range(1 + n_regions)]
     painters = tuple(tuple(e for i, e in enumerate(entries) if i % n_regions == k) for k in range(n_regions))
     return Scene(contexts[0], tuple(contexts[1:]), torch.randn(1, vec_dim, generator=gen), strip_boxes(n_regions),
-                 painters)
+                 painters, region_tokens)
 
 
 def _cond(context: torch.Tensor, pooled: torch.Tensor) -> list:
@@ -114,13 +127,15 @@ def merged_setup(patcher: Any, scene: Scene) -> MethodSetup:
 
 
 def regional_setup(patcher: Any, scene: Scene, attention_path: str = "grouped", method: str = "regional",
-                   options: ComposeOptions | None = None) -> MethodSetup:
-    """Loom regional composition with its rules active for the whole run (``end_percent=1``)."""
+                   options: ComposeOptions | None = None, trimmed: bool = True) -> MethodSetup:
+    """Loom regional composition with its rules active for the whole run (``end_percent=1``), over the global prompt
+    and the region prompts — trimmed as Loom Compose trims them, or full length (``trimmed=False``)."""
     regions = [ComposedRegion(Region(prompt=f"region {k}", box=box), scene.painters[k])
                for k, box in enumerate(scene.boxes)]
-    lengths = [int(c.shape[1]) for c in scene.region_contexts]
+    region_contexts = scene.trimmed_region_contexts if trimmed else scene.region_contexts
+    lengths = [int(c.shape[1]) for c in region_contexts]
     spans = TextSpans.from_lengths(int(scene.global_context.shape[1]), lengths)
-    context = torch.cat([scene.global_context, *scene.region_contexts], dim=1)
+    context = torch.cat([scene.global_context, *region_contexts], dim=1)
     prompts = EncodedPrompts(context, {"pooled_output": scene.pooled}, spans,
                              tuple(tuple(range(s.start, s.end)) for s in spans.region_spans))
     options = options or ComposeOptions(latent_reinit=False, attention_path=attention_path, end_percent=1.0)
@@ -153,11 +168,13 @@ class PerHeadMaskAttention:
 
 
 def dense_per_head_setup(patcher: Any, scene: Scene) -> MethodSetup:
-    """Regional composition on the dense path, with a per-head mask materialised downstream of its rules."""
+    """Regional composition on the dense path, with a per-head mask materialised downstream of its rules: the
+    global-patch peers' layout. It models a peer, so it composes the peers' prompts — full-length region prompts
+    (``prompt_tokens`` each, as their users encode them), not Loom Compose's trimmed ones."""
     clone = patcher.clone()
     options = clone.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = PerHeadMaskAttention(options.get("optimized_attention_override"))
-    return regional_setup(clone, scene, attention_path="dense", method="dense_per_head")
+    return regional_setup(clone, scene, attention_path="dense", method="dense_per_head", trimmed=False)
 
 
 def gates_setup(patcher: Any, scene: Scene) -> MethodSetup:
@@ -172,8 +189,8 @@ def gates_setup(patcher: Any, scene: Scene) -> MethodSetup:
 
 def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
     """Loom CLoRA with its default options: one concept per adapter (concept token ``1 + i`` of the global prompt
-    and of adapter i's own prompt, the region prompt of its region — its last token when that prompt is shorter),
-    1 + N passes per step."""
+    and of adapter i's own prompt, the full-length region prompt of its region — CLoRA does not trim), 1 + N
+    passes per step."""
     from ..composition.clora import CLoraOptions
     from ..composition.comfy_bridge.clora import (
         CLoraComposition,
@@ -186,10 +203,8 @@ def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
     n = len(entries)
     region_of = {e.path: k for k, group in enumerate(scene.painters) for e in group}
     base = EncodedPrompt("bench", scene.global_context, scene.pooled, {i: (1 + i,) for i in range(n)})
-    own = [scene.region_contexts[region_of[e.path]] for e in entries]
-    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", context, scene.pooled,
-                                            {i: (min(1 + i, int(context.shape[1]) - 1),)})
-                              for i, context in enumerate(own))
+    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", scene.region_contexts[region_of[e.path]], scene.pooled,
+                                            {i: (1 + i,)}) for i, e in enumerate(entries))
     concepts = [CLoraConcept("bench", f"c{i}", (e,)) for i, e in enumerate(entries)]
     patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
     composition = CLoraComposition(concepts, prompts, CLoraOptions(), patch)
@@ -254,8 +269,8 @@ def region_mask(box: tuple[float, float, float, float], height: int, width: int)
 
 def hooks_setup(patcher: Any, scene: Scene, folder: Path, latent_hw: tuple[int, int]) -> MethodSetup:
     """ComfyUI hook LoRAs with masks: per region ``CreateHookLora`` (its painters, chained) then
-    ``ConditioningSetProperties(mask, hooks)`` on the region prompt; the conds are combined (a list concat, as
-    ``ConditioningCombine``). One pass per hook group per step."""
+    ``ConditioningSetProperties(mask, hooks)`` on the full-length region prompt (hook conditioning is not trimmed);
+    the conds are combined (a list concat, as ``ConditioningCombine``). One pass per hook group per step."""
     names = write_hook_loras([e for group in scene.painters for e in group], folder)
     positive: list = []
     setter = ConditioningSetProperties()

@@ -203,21 +203,22 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
                  base_blend: bool = True, region_tokens: int | None = None) -> MethodWork:
     """The work of one step of ``method`` for ``adapters`` LoRAs painted into ``regions`` regions.
 
-    ``prompt_tokens`` is the global prompt's length, ``region_tokens`` each region prompt's (None = untrimmed,
-    ``prompt_tokens``; Loom Compose trims a region prompt's padding after its end token, so a few-word CLIP-L region
-    prompt keeps words + 2 tokens). Methods: ``base`` / ``merged`` (one pass, ``prompt_tokens`` of text),
-    ``regional`` / ``dense_per_head`` (one pass over ``prompt_tokens + regions·region_tokens`` text tokens, every
-    adapter on every token of its stream; attention over ``regional_pairs`` — the pairs the grouped path computes,
-    default ``L²`` — plus a second, base-rule attention over ``base_pairs`` when ``base_blend``; the dense path
-    always computes ``L²``), ``gates`` (one pass, adapters on every token), ``clora`` (1 + adapters passes with
-    adapters on every token of the concept passes, an upper bound), ``hooks`` (one full pass per region with its
-    hook group's weights and its region prompt, ``region_tokens`` of text), ``composite`` (one pass per adapter).
+    Every prompt is ``prompt_tokens`` long except Loom regional's region prompts, ``region_tokens`` each (None =
+    untrimmed, ``prompt_tokens``; Loom Compose trims a region prompt's padding after its end token, so a few-word
+    CLIP-L region prompt keeps words + 2 tokens); the peers do not trim. Methods: ``base`` / ``merged`` (one pass,
+    ``prompt_tokens`` of text), ``regional`` (one pass over ``prompt_tokens + regions·region_tokens`` text tokens,
+    every adapter on every token of its stream; attention over ``regional_pairs`` — the pairs the grouped path
+    computes, default ``L²`` — plus a second, base-rule attention over ``base_pairs`` when ``base_blend``),
+    ``dense_per_head`` (the peers' layout: the same pass over ``(1 + regions)·prompt_tokens`` text tokens, always
+    ``L²`` pairs), ``gates`` (one pass, adapters on every token), ``clora`` (1 + adapters passes with adapters on
+    every token of the concept passes, an upper bound), ``hooks`` (one full pass per region with its hook group's
+    weights and its region prompt), ``composite`` (one pass per adapter).
     """
     if adapters < 1 or regions < 1 or rank < 1:
         raise FlopModelError(f"adapters/regions/rank: must be >= 1, got {adapters}, {regions}, {rank}")
     if region_tokens is not None and region_tokens < 1:
         raise FlopModelError(f"region_tokens: must be >= 1 or None (= prompt_tokens), got {region_tokens}")
-    per_region = prompt_tokens if region_tokens is None else region_tokens
+    per_region = prompt_tokens if region_tokens is None or method != "regional" else region_tokens
     plain = Workload(image_tokens, prompt_tokens)
     merged = base_flops(shape, plain)
     if method in ("base", "merged"):
@@ -236,7 +237,7 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
         passes = 1 + adapters
         flops = merged.scaled(passes) + StepFlops(0.0, 0.0, adapter_flops(shape, plain, adapters, rank))
     elif method == "hooks":
-        flops, passes = base_flops(shape, Workload(image_tokens, per_region)).scaled(regions), regions
+        flops, passes = merged.scaled(regions), regions
     elif method == "composite":
         flops, passes = merged.scaled(adapters), adapters
     else:

@@ -6,8 +6,9 @@ between consecutive step callbacks is one step (set-up, model loading and the fi
 interleaved ``repeats`` times within a row and the median of all their steps is kept, so a shared or busy machine
 slows every method alike and the ratios (vs the merged-LoRA step of the same row) compare like with like.
 Peak memory is measured on a separate two-step run after a warm-up (:mod:`.memory`). Each row carries the FLOP limit
-(:mod:`.flops`): a ratio reads against it. The global prompt is ``prompt_tokens`` long and every region prompt
-``region_tokens`` (Loom Compose trims a region prompt's padding after its end token); the limit counts the same.
+(:mod:`.flops`): a ratio reads against it. Every prompt is ``prompt_tokens`` long, except that Loom's regional
+method keeps ``region_tokens`` of each region prompt (Loom Compose trims a region prompt's padding after its end
+token; the peers — hooks, CLoRA, dense per-head — do not trim); the limit counts the same.
 """
 from __future__ import annotations
 
@@ -56,10 +57,11 @@ class PerfError(ValueError):
 @dataclass(frozen=True)
 class PerfConfig:
     """A sweep: ``model`` preset, ``adapters`` × ``regions`` × ``resolutions`` (pixels, square), LoRA ``rank``,
-    ``prompt_tokens`` of the global prompt, ``region_tokens`` of each region prompt (default 12: what Loom Compose
-    keeps of a few-word CLIP-L region prompt once it trims the padding after the end token; 0 = ``prompt_tokens``,
-    untrimmed), ``steps`` sampled per method and repeat, ``repeats``, ``methods``, ``dtype``, ``memory`` (the
-    one-step peak probe), ``device`` (None = ComfyUI's)."""
+    ``prompt_tokens`` of every prompt, ``region_tokens`` of each region prompt in Loom's regional method (default
+    12: what Loom Compose keeps of a few-word CLIP-L region prompt once it trims the padding after the end token;
+    0 = ``prompt_tokens``, untrimmed; the peers always sample full-length prompts), ``steps`` sampled per method
+    and repeat, ``repeats``, ``methods``, ``dtype``, ``memory`` (the one-step peak probe), ``device`` (None =
+    ComfyUI's)."""
 
     model: str = "small"
     adapters: tuple[int, ...] = (1, 4)
@@ -92,8 +94,9 @@ class PerfConfig:
 
     @property
     def region_length(self) -> int:
-        """Tokens of each region prompt: ``region_tokens``, or ``prompt_tokens`` when it is 0 (untrimmed)."""
-        return self.region_tokens or self.prompt_tokens
+        """Tokens of each of Loom regional's region prompts: ``region_tokens``, or ``prompt_tokens`` when it is 0
+        (untrimmed) or larger (trimming never lengthens a prompt)."""
+        return min(self.region_tokens or self.prompt_tokens, self.prompt_tokens)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -104,7 +107,8 @@ class PerfConfig:
 @dataclass(frozen=True)
 class PerfRow:
     """One method in one (resolution, adapters, regions) cell, ``image_tokens`` + ``text_tokens`` per pass (the
-    context actually sampled: global + region prompts for regional, one region prompt for a hook pass).
+    context actually sampled: global + trimmed region prompts for regional, global + full region prompts for
+    dense_per_head, one full-length region prompt for a hook pass).
     ``step_ms`` median, ``step_ms_min``/``max`` its
     spread, ``samples`` steps timed; ``ratio`` = step / merged step of the cell; ``limit`` = FLOPs / merged
     FLOPs; ``peak_mib`` extra memory of one step; ``note`` says why a method is missing or how it was measured."""

@@ -36,6 +36,14 @@ def _region_tokens(text: str) -> int:
     return value
 
 
+def region_note(prompt_tokens: int, region_length: int) -> str:
+    """The title's word on region prompts: Loom regional's are trimmed to ``region_length`` tokens unless that is
+    ``prompt_tokens``; the peers' are always full length."""
+    if region_length == prompt_tokens:
+        return "region prompts untrimmed"
+    return f"Loom regional's region prompts trimmed to {region_length} (peers untrimmed)"
+
+
 def run_perf_command(args: argparse.Namespace) -> int:
     import torch
 
@@ -61,9 +69,8 @@ def run_perf_command(args: argparse.Namespace) -> int:
                         **sweep).validate()
     rows = run_perf(config, progress=lambda r: logger.info("%s", r))
     device = rows[0].device if rows else "?"
-    trimmed = "untrimmed" if config.region_tokens == 0 else "trimmed"
-    title = (f"loom bench perf: model {model}, device {device}, rank {args.rank}, {config.prompt_tokens} global + "
-             f"{config.region_length} per region prompt ({trimmed}) text tokens")
+    title = (f"loom bench perf: model {model}, device {device}, rank {args.rank}, {config.prompt_tokens} text "
+             f"tokens per prompt, {region_note(config.prompt_tokens, config.region_length)}")
     sys.stdout.write(format_table(rows, title) + "\n")
     sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
     out = Path(args.out)
@@ -86,11 +93,11 @@ def register_perf(group: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="the issue's full sweep")
     p.add_argument("--methods", nargs="+", help="subset of methods to run")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens of the global prompt (default 77, "
-                                                                  "CLIP-L)")
+    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens per prompt (default 77, CLIP-L)")
     p.add_argument("--region-tokens", type=_region_tokens, default=12, metavar="N|full",
-                   help="text tokens of each region prompt (default 12: a few-word CLIP-L region prompt once Loom "
-                        "Compose trims its padding; 0 or 'full' = --prompt-tokens, untrimmed)")
+                   help="text tokens of each region prompt of Loom's regional method (default 12: a few-word CLIP-L "
+                        "region prompt once Loom Compose trims its padding; 0 or 'full' = --prompt-tokens, "
+                        "untrimmed); the peers (hooks, CLoRA, dense_per_head) always use --prompt-tokens")
     p.add_argument("--steps", type=int, default=4, help="sampler steps per method and repeat (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per cell (default 3)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

@@ -1,5 +1,6 @@
 """The benchmark's baselines predict what their definitions say, on a tiny Flux through ComfyUI's sampler, and the
-regional fast path holds no L×L tensor (a memory probe); scenes, rows and FLOP limits follow ``region_tokens``."""
+regional fast path holds no L×L tensor (a memory probe); only Loom regional trims its region prompts to
+``region_tokens`` — the peers sample them full length — and rows and FLOP limits count what each samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 import torch
 from comfy_models import tiny_flux
 from lora_loom.bench import baselines
-from lora_loom.bench.flops import Workload, base_flops, method_flops
+from lora_loom.bench.flops import Workload, adapter_flops, base_flops
 from lora_loom.bench.memory import measure_peak
 from lora_loom.bench.perf import (
     PerfConfig,
@@ -30,10 +31,11 @@ def patcher():
     return tiny_flux(seed=3)
 
 
-def _scene(patcher, adapters: int, regions: int) -> baselines.Scene:
+def _scene(patcher, adapters: int, regions: int, region_tokens: int | None = None) -> baselines.Scene:
     cfg = patcher.model.model_config.unet_config
     entries = random_adapters(patcher, adapters, rank=4)
-    return baselines.make_scene(entries, regions, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5)
+    return baselines.make_scene(entries, regions, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5,
+                                region_tokens=region_tokens)
 
 
 def denoised(setup: baselines.MethodSetup, hw: tuple[int, int] = LATENT_HW) -> torch.Tensor:
@@ -56,9 +58,12 @@ def _merged(patcher, entries, context, pooled) -> baselines.MethodSetup:
 
 
 def test_hook_loras_with_masks_equal_merged_inside_each_mask(patcher, tmp_path: Path) -> None:
-    scene = _scene(patcher, adapters=2, regions=2)
+    """Inside each mask, merged with that region's full-length (6-token) prompt: hooks do not trim, even in a scene
+    where Loom regional keeps 2 tokens."""
+    scene = _scene(patcher, adapters=2, regions=2, region_tokens=2)
     hooks = baselines.hooks_setup(patcher, scene, tmp_path, LATENT_HW)
     assert hooks.passes == 2 and all("hooks" in c[1] and "mask" in c[1] for c in hooks.positive)
+    assert [int(c[0].shape[1]) for c in hooks.positive] == [6, 6]
     got = denoised(hooks)
     for k, box in enumerate(scene.boxes):
         want = denoised(_merged(patcher, scene.painters[k], scene.region_contexts[k], scene.pooled))
@@ -81,9 +86,13 @@ def test_lora_composite_is_the_mean_of_single_lora_passes(patcher, tmp_path: Pat
 
 @pytest.mark.parametrize("regions", [2, 3])
 def test_dense_per_head_equals_grouped_regional(patcher, regions: int) -> None:
-    scene = _scene(patcher, adapters=3, regions=regions)
+    """dense_per_head models a peer: it composes the full-length region prompts (6 + regions·6 text tokens), so it
+    equals the grouped path over the same untrimmed prompts, not Loom's trimmed pass (6 + regions·2)."""
+    scene = _scene(patcher, adapters=3, regions=regions, region_tokens=2)
     dense = baselines.dense_per_head_setup(patcher, scene)
-    grouped = baselines.regional_setup(patcher, scene)
+    assert int(dense.positive[0][0].shape[1]) == 6 + regions * 6
+    assert int(baselines.regional_setup(patcher, scene).positive[0][0].shape[1]) == 6 + regions * 2
+    grouped = baselines.regional_setup(patcher, scene, trimmed=False)
     torch.testing.assert_close(denoised(dense), denoised(grouped), rtol=1e-4, atol=1e-5)
     override = dense.model.model_options["transformer_options"]["optimized_attention_override"].previous
     assert isinstance(override, baselines.PerHeadMaskAttention) and override.calls > 0
@@ -122,38 +131,58 @@ def test_gates_without_schedules_equal_merged(patcher) -> None:
 
 
 def test_clora_runs_one_plus_n_passes(patcher) -> None:
-    scene = _scene(patcher, adapters=2, regions=2)
+    """Global prompt and each adapter's region prompt full length (6 tokens; CLoRA does not trim), concept token
+    1 + i in each."""
+    scene = _scene(patcher, adapters=2, regions=2, region_tokens=2)
     clora = baselines.clora_setup(patcher, scene)
     assert clora.passes == 3
+    assert [(int(p.context.shape[1]), p.positions) for p in clora.composition.prompts] == [
+        (6, {0: (1,), 1: (2,)}), (6, {0: (1,)}), (6, {1: (2,)})]
     got = denoised(clora)
     assert torch.isfinite(got).all()
     assert not torch.allclose(got, denoised(baselines.base_setup(patcher, scene)), atol=1e-3)
 
 
 def test_scene_and_rows_follow_region_tokens(patcher, tmp_path: Path) -> None:
-    """Global prompt 6 tokens, 3 region prompts trimmed to 2: the regional pass reads 6 + 3·2 = 12 text tokens, a
-    hook pass one region prompt (2); the rows (128² -> 8×8 = 64 image tokens) and their FLOP limits count the same."""
+    """Every prompt 6 tokens; Loom regional keeps 2 of each of its 3 region prompts (a prefix, as trimming after the
+    end token does): its pass reads 6 + 3·2 = 12 text tokens. The peers do not trim: a hook pass reads one 6-token
+    region prompt, dense_per_head 6 + 3·6 = 24, CLoRA's passes 6 each. The rows (128² -> 8×8 = 64 image tokens) and
+    their FLOP limits count the same."""
     cfg = patcher.model.model_config.unet_config
+    dim = cfg["context_in_dim"]
     entries = random_adapters(patcher, 3, rank=4)
-    scene = baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5, region_tokens=2)
-    assert scene.global_context.shape == (1, 6, cfg["context_in_dim"])
-    assert [tuple(c.shape) for c in scene.region_contexts] == [(1, 2, cfg["context_in_dim"])] * 3
-    untrimmed = baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], seed=5)
-    assert [c.shape[1] for c in untrimmed.region_contexts] == [6, 6, 6]
-    with pytest.raises(baselines.BaselineError, match="region_tokens"):
-        baselines.make_scene(entries, 3, 6, cfg["context_in_dim"], cfg["vec_in_dim"], region_tokens=0)
+    scene = baselines.make_scene(entries, 3, 6, dim, cfg["vec_in_dim"], seed=5, region_tokens=2)
+    assert scene.global_context.shape == (1, 6, dim) and scene.region_tokens == 2
+    assert [tuple(c.shape) for c in scene.region_contexts] == [(1, 6, dim)] * 3
+    assert [tuple(c.shape) for c in scene.trimmed_region_contexts] == [(1, 2, dim)] * 3
+    for full, trimmed in zip(scene.region_contexts, scene.trimmed_region_contexts):
+        torch.testing.assert_close(trimmed, full[:, :2])
+    untrimmed = baselines.make_scene(entries, 3, 6, dim, cfg["vec_in_dim"], seed=5)
+    assert untrimmed.trimmed_region_contexts is untrimmed.region_contexts
+    for bad in (0, 7):
+        with pytest.raises(baselines.BaselineError, match="region_tokens"):
+            baselines.make_scene(entries, 3, 6, dim, cfg["vec_in_dim"], region_tokens=bad)
 
-    config = PerfConfig(prompt_tokens=6, region_tokens=2, rank=4, steps=2, repeats=1,
-                        methods=("merged", "regional", "hooks"), memory=False).validate()
-    assert config.region_length == 2 and PerfConfig(prompt_tokens=6, region_tokens=0).region_length == 6
+    methods = ("merged", "regional", "hooks", "dense_per_head", "clora")
+    config = PerfConfig(prompt_tokens=6, region_tokens=2, rank=4, steps=2, repeats=1, methods=methods,
+                        memory=False).validate()
+    assert config.region_length == 2
+    assert PerfConfig(prompt_tokens=6, region_tokens=0).region_length == 6
+    assert PerfConfig(prompt_tokens=6, region_tokens=12).region_length == 6
     rows = {r.method: r for r in run_cell(patcher, config, 128, 3, 3, tmp_path)}
-    assert {m: (r.image_tokens, r.text_tokens) for m, r in rows.items()} == {
-        "merged": (64, 6), "regional": (64, 12), "hooks": (64, 2)}
-    assert "64+12" in format_table(list(rows.values()))
+    assert {m: (r.image_tokens, r.text_tokens, r.passes) for m, r in rows.items()} == {
+        "merged": (64, 6, 1), "regional": (64, 12, 1), "hooks": (64, 6, 3), "dense_per_head": (64, 24, 1),
+        "clora": (64, 6, 4)}
+    table = format_table(list(rows.values()))
+    assert all(f"64+{n}" in table for n in (6, 12, 24))
     shape = flux_shape(patcher)
-    regional = baselines.regional_setup(patcher, scene)
-    pairs, base = attention_pairs(regional, 64)
+    merged = base_flops(shape, Workload(64, 6)).total
+    pairs, base = attention_pairs(baselines.regional_setup(patcher, scene), 64)
     assert rows["regional"].limit == pytest.approx(
-        method_flops("regional", shape, 64, 6, 3, 3, 4, regional_pairs=pairs, base_pairs=base, region_tokens=2).limit)
-    assert rows["hooks"].limit == pytest.approx(3 * base_flops(shape, Workload(64, 2)).total
-                                                / base_flops(shape, Workload(64, 6)).total)
+        (base_flops(shape, Workload(64, 12), pairs + base).total + adapter_flops(shape, Workload(64, 12), 3, 4))
+        / merged)
+    assert rows["hooks"].limit == pytest.approx(3.0)
+    assert rows["dense_per_head"].limit == pytest.approx(
+        (base_flops(shape, Workload(64, 24), 2 * 88 ** 2).total + adapter_flops(shape, Workload(64, 24), 3, 4))
+        / merged)
+    assert rows["clora"].limit == pytest.approx(4.0 + adapter_flops(shape, Workload(64, 6), 3, 4) / merged)

@@ -1,10 +1,11 @@
-"""``loom bench perf --region-tokens``: a count, ``full`` (= 0, untrimmed) or an error naming the option."""
+"""``loom bench perf --region-tokens``: a count, ``full`` (= 0, untrimmed) or an error naming the option; the
+title says that only Loom regional's region prompts are trimmed."""
 from __future__ import annotations
 
 import argparse
 
 import pytest
-from lora_loom.cli.bench_perf import register_perf
+from lora_loom.cli.bench_perf import region_note, register_perf
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -24,3 +25,15 @@ def test_bad_region_tokens_name_the_option(value: str, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         _parse("--region-tokens", value)
     assert "--region-tokens" in capsys.readouterr().err
+
+
+def test_region_note_says_only_loom_regional_trims() -> None:
+    assert region_note(77, 12) == "Loom regional's region prompts trimmed to 12 (peers untrimmed)"
+    assert region_note(77, 77) == "region prompts untrimmed"
+
+
+def test_help_says_the_peers_use_full_prompts(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse("--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the peers (hooks, CLoRA, dense_per_head) always use --prompt-tokens" in text

@@ -1,6 +1,8 @@
 """The FLOP model against torch's own FLOP counter on real Linears/matmuls, and its limits against their definition."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from lora_loom.bench.flops import (
@@ -108,36 +110,42 @@ def test_regional_limit_flux_dev_1024() -> None:
     assert dense.limit == pytest.approx(full.limit)
 
 
-@pytest.mark.parametrize("method", ["regional", "dense_per_head"])
-def test_region_tokens_set_the_text_of_the_regional_pass(method: str) -> None:
+def test_region_tokens_set_the_text_of_the_regional_pass() -> None:
     """Global prompt 10 tokens, 4 region prompts of 3 (trimmed): the pass reads 10 + 4·3 = 22 text tokens, not 50.
     By hand for TINY (D 32, M 128, 2 double + 3 single blocks, context 24): one text token costs
     2·2·(32·96 + 32·32 + 32·128 + 128·32) + 3·2·(32·224 + 160·32) + 2·24·32 = 124416 FLOPs of Linears and, per
     rank-2 adapter, 2·2·2·(128 + 64 + 160 + 160) + 3·2·2·(256 + 192) = 9472; attention (dense, base blend on)
     is 5 blocks · 4·32 · 2·L² with L = 16 + 22 = 38."""
-    trimmed = method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=3)
+    trimmed = method_flops("regional", TINY, 16, 10, 3, 4, 2, region_tokens=3)
     assert trimmed.flops.attention == 5 * 4 * 32 * 2 * 38 ** 2 == 1848320
-    longer = method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=4)
+    longer = method_flops("regional", TINY, 16, 10, 3, 4, 2, region_tokens=4)
     assert longer.flops.linear - trimmed.flops.linear == 4 * 124416
     assert longer.flops.adapters - trimmed.flops.adapters == 4 * 3 * 9472
     merged = base_flops(TINY, Workload(16, 10)).total
     assert trimmed.limit == pytest.approx(trimmed.flops.total / merged)
     assert trimmed.flops.total == pytest.approx(base_flops(TINY, Workload(16, 22), 2 * 38 ** 2).total
                                                 + adapter_flops(TINY, Workload(16, 22), 3, 2))
-    untrimmed = method_flops(method, TINY, 16, 10, 3, 4, 2)
-    assert untrimmed == method_flops(method, TINY, 16, 10, 3, 4, 2, region_tokens=10)
+    untrimmed = method_flops("regional", TINY, 16, 10, 3, 4, 2)
+    assert untrimmed == method_flops("regional", TINY, 16, 10, 3, 4, 2, region_tokens=10)
     assert untrimmed.flops.attention == 5 * 4 * 32 * 2 * (16 + 50) ** 2
     assert 1.0 < trimmed.limit < untrimmed.limit
 
 
-def test_region_tokens_set_each_hook_pass() -> None:
-    """A hook pass reads one region prompt: 3 passes of 4 text tokens against merged's 10."""
+def test_peers_read_full_length_prompts_whatever_region_tokens() -> None:
+    """Only Loom regional trims. dense_per_head (a peer's layout) composes 10 + 4·10 = 50 text tokens: Linears
+    3452928 (merged, 10 tokens) + 40·124416 = 8429568, attention 5 · 4·32 · 2·(16 + 50)² = 5575680, the untrimmed
+    regional pass exactly. Hooks: 3 passes of merged's 10-token prompt, limit 3; CLoRA, composite unchanged."""
+    assert base_flops(TINY, Workload(16, 10)).linear == 3452928
+    dense = method_flops("dense_per_head", TINY, 16, 10, 3, 4, 2, region_tokens=3)
+    assert dense.flops.linear == 3452928 + 40 * 124416 == 8429568
+    assert dense.flops.attention == 5 * 4 * 32 * 2 * 66 ** 2 == 5575680
+    assert dense == replace(method_flops("regional", TINY, 16, 10, 3, 4, 2), method="dense_per_head")
     hooks = method_flops("hooks", TINY, 16, 10, 3, 3, 2, region_tokens=4)
-    assert hooks.passes == 3
-    assert hooks.limit == pytest.approx(3 * base_flops(TINY, Workload(16, 4)).total
-                                        / base_flops(TINY, Workload(16, 10)).total)
-    assert hooks.limit < 3.0
-    assert method_flops("hooks", TINY, 16, 10, 3, 3, 2).limit == pytest.approx(3.0)
+    assert (hooks.passes, hooks.limit) == (3, 3.0)
+    assert hooks == method_flops("hooks", TINY, 16, 10, 3, 3, 2)
+    for method in ("clora", "composite", "gates", "merged"):
+        untrimmed = method_flops(method, TINY, 16, 10, 3, 3, 2)
+        assert method_flops(method, TINY, 16, 10, 3, 3, 2, region_tokens=4) == untrimmed
 
 
 @pytest.mark.parametrize("shape", [FLUX_DEV, DEMO_FLUX, SMALL_FLUX])
