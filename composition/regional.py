@@ -210,14 +210,26 @@ def build_attention_rules(plan: Plan, token_masks: torch.Tensor, spans: TextSpan
     return AttentionRules(labels=labels, allowed=allowed_groups(plan, rules))
 
 
+def region_text_weights(plan: Plan, spans: TextSpans, global_text: bool = False) -> torch.Tensor:
+    """Per text token per region weight ``[T, N]`` float32: region-k prompt tokens carry 1 for region k if
+    ``adapters_on_text``; with ``global_text`` the global prompt's tokens carry 1 for every such region (the
+    global prompt names every concept, so its words are read with every region's adapters, as a merged stack
+    would read them); everything else 0."""
+    text = torch.zeros(spans.total, len(plan.regions))
+    for k, span in enumerate(spans.region_spans):
+        if plan.regions[k].options.adapters_on_text:
+            text[span.start:span.end, k] = 1.0
+            if global_text:
+                text[spans.global_span.start:spans.global_span.end, k] = 1.0
+    return text
+
+
 def region_token_weights(plan: Plan, token_masks: torch.Tensor, spans: TextSpans, image_first: bool = False,
                          n_image_tokens: int | None = None, global_text: bool = False) -> torch.Tensor:
     """Per-token per-region weight over the joint sequence: ``[B, L, N]`` float32 in [0, 1].
 
-    Image tokens carry the soft coverage of each region (``token_masks [N, B, L_img]``); region-k prompt tokens
-    carry 1 for region k if ``adapters_on_text`` (else 0); with ``global_text`` the global prompt's tokens carry 1
-    for every such region (the global prompt names every concept, so its words are read with every region's
-    adapters, as a merged stack would read them); extra image tokens carry 0.
+    Image tokens carry the soft coverage of each region (``token_masks [N, B, L_img]``), text tokens
+    :func:`region_text_weights`, extra image tokens 0.
     Multiply by each adapter's strength to get ``token_scale`` for :func:`kernels.multi_lora.masked_multi_lora`;
     slice ``[:, :T]`` / ``[:, T:]`` for the text / image streams of double blocks.
     """
@@ -226,10 +238,5 @@ def region_token_weights(plan: Plan, token_masks: torch.Tensor, spans: TextSpans
     n, batch, grid = token_masks.shape
     extra = 0 if n_image_tokens is None else n_image_tokens - grid
     image = torch.cat([token_masks.permute(1, 2, 0).float(), torch.zeros(batch, max(extra, 0), n)], dim=1)
-    text = torch.zeros(batch, spans.total, n)
-    for k, span in enumerate(spans.region_spans):
-        if plan.regions[k].options.adapters_on_text:
-            text[:, span.start:span.end, k] = 1.0
-            if global_text:
-                text[:, spans.global_span.start:spans.global_span.end, k] = 1.0
+    text = region_text_weights(plan, spans, global_text).expand(batch, -1, -1)
     return torch.cat([image, text], dim=1) if image_first else torch.cat([text, image], dim=1)

@@ -34,7 +34,7 @@ from .progress import SamplingProgress
 from ..adapter_gate import GateBook
 from ..block_weights import BlockWeights, block_of_module, parse_block_weights
 from ..plan import MethodOptions, Plan, PlanError, Region, RuleSchedule, TextSpans, region_token_masks
-from ..regional import label_joint_sequence
+from ..regional import label_joint_sequence, region_text_weights
 from ..stack import StackEntry
 from .regional_attention import RegionalAttention
 from .regional_layers import AdapterSlot, SlotGate, layer_slots, unsupported_modules, wrap_linear
@@ -281,14 +281,11 @@ class RegionalComposition:
         groups: dict[bytes, list[int]] = {}
         labels_of: dict[bytes, torch.Tensor] = {}
         plain = [b for b in range(batch) if not composed[b]]
+        text_weights = region_text_weights(self.plan, spans, self.options.global_text_adapters)
         for b in range(batch):
             if not composed[b]:
                 continue
-            for k, span in enumerate(spans.region_spans):
-                if self.plan.regions[k].options.adapters_on_text:
-                    txt[b, span.start:span.end, k] = 1.0
-                    if self.options.global_text_adapters:
-                        txt[b, spans.global_span.start:spans.global_span.end, k] = 1.0
+            txt[b] = text_weights
             labels = label_joint_sequence(self.plan, masks[:, int(latent_index[b])], spans,
                                           n_image_tokens=grid + extra_tokens)
             sig = labels.numpy().tobytes()
