@@ -51,9 +51,29 @@ def demo(info: dict) -> dict:
 RED, BLUE = "loom_demo_red.safetensors", "loom_demo_blue.safetensors"
 
 
-def stack_rows(lora: str, strength: float = 1.0) -> str:
-    """A Loom LoRA Stack's rows JSON with one demo LoRA pinned to its sha256 (as the stack editor writes it)."""
-    return json.dumps([{"lora": lora, "on": True, "strength": strength, "sha256": demo_sha256(lora)}], indent=1)
+def stack_rows(lora: str, strength: float = 1.0, sha256: str | None = None) -> str:
+    """A Loom LoRA Stack's rows JSON with one LoRA pinned to its sha256 (as the stack editor writes it); the
+    demo LoRA's hash unless ``sha256`` is given."""
+    pinned = sha256 or demo_sha256(lora)
+    return json.dumps([{"lora": lora, "on": True, "strength": strength, "sha256": pinned}], indent=1)
+
+
+def region_chain(g: GraphBuilder, model: int, regions: tuple, title: str = "LoRA for region") -> int:
+    """One Loom LoRA Stack (``rows`` JSON) feeding one Loom Region (``prompt``, ``box``) per item of ``regions``,
+    the regions chained in order; returns the last Loom Region."""
+    previous = None
+    for i, (rows, prompt, box) in enumerate(regions):
+        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"{title} {i + 1}", rows=rows)
+        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
+                       x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+        g.nodes[stack - 1]["size"] = [440, 260]
+        g.nodes[region - 1]["size"] = [340, 540]
+        g.connect(model, 0, stack, "model")
+        g.connect(stack, 2, region, "adapters")
+        if previous is not None:
+            g.connect(previous, 0, region, "regions")
+        previous = region
+    return previous
 
 
 def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefix: str, x: float = 2020,
@@ -99,19 +119,8 @@ def two_regions(info: dict) -> dict:
     g = GraphBuilder(info)
     unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
     clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
-    previous = None
-    for i, (lora, prompt, box) in enumerate(((RED, "loomred a red fox", (0.0, 0.1, 0.5, 0.9)),
-                                             (BLUE, "loomblue a blue bird", (0.5, 0.1, 1.0, 0.9)))):
-        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"LoRA for region {i + 1}", rows=stack_rows(lora))
-        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
-                       x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.nodes[stack - 1]["size"] = [440, 260]
-        g.nodes[region - 1]["size"] = [340, 540]
-        g.connect(unet, 0, stack, "model")
-        g.connect(stack, 2, region, "adapters")
-        if previous is not None:
-            g.connect(previous, 0, region, "regions")
-        previous = region
+    previous = region_chain(g, unet, ((stack_rows(RED), "loomred a red fox", (0.0, 0.1, 0.5, 0.9)),
+                                      (stack_rows(BLUE), "loomblue a blue bird", (0.5, 0.1, 1.0, 0.9))))
     compose_regions(g, unet, clip, previous, "a meadow at noon", "loom_two_regions")
     return g.workflow()
 
@@ -213,19 +222,8 @@ def playground(info: dict) -> dict:
     enlarged (nearest) beside a preview of the regions."""
     g = GraphBuilder(info)
     base = g.add("LoomPlaygroundModel", (40, 40), title="Loom Playground Model")
-    previous = None
-    for i, (lora, prompt, box) in enumerate(PLAYGROUND_REGIONS):
-        rows = json.dumps([{"lora": lora, "on": True, "strength": 1.0, "sha256": playground_sha256(lora)}], indent=1)
-        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"Concept LoRA for region {i + 1}", rows=rows)
-        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
-                       x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.nodes[stack - 1]["size"] = [440, 260]
-        g.nodes[region - 1]["size"] = [340, 540]
-        g.connect(base, 0, stack, "model")
-        g.connect(stack, 2, region, "adapters")
-        if previous is not None:
-            g.connect(previous, 0, region, "regions")
-        previous = region
+    previous = region_chain(g, base, tuple((stack_rows(lora, sha256=playground_sha256(lora)), prompt, box)
+                                           for lora, prompt, box in PLAYGROUND_REGIONS), "Concept LoRA for region")
     compose = g.add("LoomCompose", (1300, 40), global_prompt=PLAYGROUND_PROMPT)
     g.nodes[compose - 1]["size"] = [340, 600]
     neg = g.add("CLIPTextEncode", (1300, 700), text="")
