@@ -143,7 +143,8 @@ class PlaygroundTokenizer:
 
     def tokenizer(self, words: str) -> dict[str, list[int]]:
         """``{"input_ids": [start, id...]}`` without padding, as a Hugging Face tokenizer returns for ``words``."""
-        return {"input_ids": [self.start_token] + [text.VOCABULARY.index(w) for w in text.tokenize(words).words]}
+        tokens = text.tokenize(words)
+        return {"input_ids": list(tokens.ids[:1 + len(tokens.words)])}
 
     def tokenize_with_weights(self, prompt: str, return_word_ids: bool = False, **kwargs) -> dict[str, list]:
         ids = text.tokenize(prompt).ids
