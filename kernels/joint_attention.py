@@ -63,11 +63,13 @@ def rules_fingerprint(labels: torch.Tensor, allowed: torch.Tensor) -> str:
 
 
 class _Lru:
-    """A tiny least-recently-used dict; the key is (rules fingerprint, L, device)."""
+    """A tiny least-recently-used dict; the key is (rules fingerprint, L, device). Every instance is registered
+    so :func:`clear_caches` drops them all (the Triton path's layouts too)."""
 
     def __init__(self, entries: int) -> None:
         self.entries = entries
         self.items: OrderedDict[tuple[str, int, str], object] = OrderedDict()
+        _ALL_CACHES.append(self)
 
     def get(self, key: tuple[str, int, str]) -> object | None:
         value = self.items.get(key)
@@ -85,14 +87,16 @@ class _Lru:
         self.items.clear()
 
 
+_ALL_CACHES: list[_Lru] = []
 _DENSE_MASKS = _Lru(CACHE_ENTRIES)
 _LAYOUTS = _Lru(CACHE_ENTRIES)
 
 
 def clear_caches() -> None:
-    """Drop every cached dense mask and grouped layout (e.g. when a model patcher is discarded)."""
-    _DENSE_MASKS.clear()
-    _LAYOUTS.clear()
+    """Drop every cached dense mask and grouped layout, the Triton kernel's included (e.g. when a model patcher
+    is discarded)."""
+    for cache in _ALL_CACHES:
+        cache.clear()
 
 
 def dense_mask(labels: torch.Tensor, allowed: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:

@@ -314,6 +314,16 @@ def test_triton_layout_is_cached_per_rules() -> None:
     assert torch.equal(layout.table, resolve_allowed(labels, allowed).to(torch.int8))
 
 
+def test_clear_caches_drops_the_triton_layouts_too() -> None:
+    from lora_loom.kernels import joint_attention as ja
+
+    labels = torch.tensor([1, 0, 1, 0])
+    allowed = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    layout = jat.triton_layout(labels, allowed, "cpu")
+    ja.clear_caches()
+    assert jat.triton_layout(labels, allowed, "cpu") is not layout
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_cuda_kernels_match_torch(dtype: torch.dtype, tolerance: float) -> None:
