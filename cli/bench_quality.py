@@ -27,6 +27,16 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.replace(",", " ").split() if v)
 
 
+def _aligned(header: list[str], lines: list[list[str]]) -> list[str]:
+    """Header, rule and ``lines`` as text lines: the first column left-aligned, the others right-aligned."""
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
+
+    def show(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [show(header), show(["-" * w for w in widths]), *(show(line) for line in lines)]
+
+
 def format_quality_table(rows: Sequence[QualityRow]) -> str:
     """The rows as an aligned text table; a failed method shows dashes, its error is listed under the table."""
     header = ["method", "images", "present", "vanished", "confused", "leakage", "s/image"]
@@ -37,13 +47,8 @@ def format_quality_table(rows: Sequence[QualityRow]) -> str:
         else:
             lines.append([r.method, str(r.images), f"{r.presence:.2f}", f"{r.vanishing:.2f}", f"{r.confusion:.2f}",
                           f"{r.leakage:.3f}", f"{r.seconds_per_image:.2f}"])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def show(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     errors = [f"{r.method} failed: {r.error}" for r in rows if r.error]
-    return "\n".join([show(header), show(["-" * w for w in widths]), *(show(line) for line in lines), *errors])
+    return "\n".join([*_aligned(header, lines), *errors])
 
 
 def format_concept_table(table: dict[str, dict[str, float]]) -> str:
@@ -51,10 +56,7 @@ def format_concept_table(table: dict[str, dict[str, float]]) -> str:
     concepts = sorted({name for row in table.values() for name in row})
     header = ["vanished per concept", *concepts]
     lines = [[method, *(f"{row[c]:.2f}" if c in row else "-" for c in concepts)] for method, row in table.items()]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    show = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([show(header), show(["-" * w for w in widths]), *(show(line) for line in lines)])
+    return "\n".join(_aligned(header, lines))
 
 
 def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
