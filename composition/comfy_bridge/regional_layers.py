@@ -1,9 +1,12 @@
 """Per-token adapters on Flux Linear layers: ``out = base(x) + Σ_i strength_i · mask_i[token] · Δ_i(x)``.
 
 A :class:`RegionalLinear` is installed with ``ModelPatcher.add_object_patch`` on a clone. It is an instance of a
-subclass of the wrapped module's own class (``comfy.ops`` Linear), built from a shallow copy of that module: it
-owns the *same* Parameter objects under the same names, so ComfyUI's weight patches (a merged LoRA upstream),
-casting and low-VRAM loading keep working, and the original module is never modified.
+subclass of the wrapped module's own class (``comfy.ops`` Linear) whose instance ``__dict__`` *is* the wrapped
+module's: it is a second view of the live module with another ``forward``, not a copy taken when the node ran.
+Whatever ComfyUI puts in place at sampling time — the base weights restored after another workflow's merged LoRA,
+this clone's own weight patches, low-VRAM weight functions, cast flags — is what the wrapper computes with, and
+what ComfyUI restores on unpatch is restored for both. Loom's own state lives in slots on the wrapper, so the
+wrapped module never gains an attribute.
 
 Low-rank adapters (LoRA/LoCon, Tucker cores folded) go through :func:`kernels.multi_lora.masked_multi_lora`: all
 adapters of a layer stacked, two matmuls whatever their number (via ``masked_multi_lora_fast``: the Triton kernels
@@ -122,8 +125,15 @@ def _is_fast(slot: AdapterSlot) -> bool:
 _GATED_CACHE_LIMIT = 256
 
 
+_LOOM_SLOTS = ("loom_module", "loom_stream", "loom_block", "loom_source", "loom_fast", "loom_exact", "loom_learned",
+               "loom_gated", "loom_cache")
+
+
 class RegionalLinearMixin:
-    """Forward of a regionally adapted Linear; mixed into a subclass of the wrapped module's class."""
+    """Forward of a regionally adapted Linear; mixed into a subclass of the wrapped module's class. The module
+    state (``__dict__``) is shared with the wrapped module; Loom's own attributes are slots."""
+
+    __slots__ = _LOOM_SLOTS
 
     loom_module: str
     loom_stream: str
@@ -156,6 +166,19 @@ class RegionalLinearMixin:
             if mix is not None:
                 out = out + mix.to(base.dtype)
         return out
+
+    def __copy__(self) -> RegionalLinearMixin:
+        return _view(type(self), self.__dict__, {name: getattr(self, name) for name in _LOOM_SLOTS})
+
+    def __deepcopy__(self, memo: dict) -> RegionalLinearMixin:
+        """An independent wrapper over an independent copy of the module (what ``copy.deepcopy`` of a model
+        holding a wrapper expects); nn.Module's own pickling protocol would drop the slots."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        object.__setattr__(new, "__dict__", copy.deepcopy(self.__dict__, memo))
+        for name in _LOOM_SLOTS:
+            object.__setattr__(new, name, copy.deepcopy(getattr(self, name), memo))
+        return new
 
     def _gates(self) -> Sequence[float] | None:
         """This call's gate per gate index, or None (ungated layer, or a source without gates)."""
@@ -327,7 +350,7 @@ def _regional_class(base_cls: type) -> type:
 
 def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot, ...],
                 source: TokenWeights) -> torch.nn.Module:
-    """A regional copy of ``original`` (sharing its Parameters) that adds the slots' adapters per token.
+    """A per-token view of ``original`` (its live module state, shared) that adds the slots' adapters per token.
 
     ``source`` may also implement :class:`TokenGates`; only then do slots with ``gate >= 0`` change over time."""
     if not hasattr(original, "weight") or getattr(original, "weight") is None or original.weight.ndim != 2:
@@ -340,11 +363,6 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
         raise RegionalLayerError(f"{module}: this MODEL already carries Loom per-token adapters (a gated stack, "
                                  "Loom Compose or Loom CLoRA upstream); connect the model from before that node, "
                                  "and give all adapters to this one")
-    wrapper = object.__new__(_regional_class(type(original)))
-    state = dict(original.__dict__)
-    for name in ("_parameters", "_buffers", "_modules"):
-        state[name] = type(state[name])(state[name])
-    wrapper.__dict__.update(state)
     fast = tuple(s for s in slots if _is_fast(s))
     exact = tuple(s for s in slots if not _is_fast(s) and s.learned is None)
     learned = tuple(s for s in slots if s.learned is not None)
@@ -358,15 +376,18 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
         stacked = stack_lora([_factors(s) for s in fast], int(original.weight.shape[0]))
         loom_fast = _Fast(stacked, torch.tensor([s.region for s in fast], dtype=torch.long),
                           torch.tensor([s.strength for s in fast], dtype=torch.float32))
-    object.__setattr__(wrapper, "loom_module", module)
-    object.__setattr__(wrapper, "loom_stream", stream)
-    object.__setattr__(wrapper, "loom_source", source)
-    object.__setattr__(wrapper, "loom_block", block_of_module(module))
-    object.__setattr__(wrapper, "loom_fast", loom_fast)
-    object.__setattr__(wrapper, "loom_exact", exact)
-    object.__setattr__(wrapper, "loom_learned", learned)
-    object.__setattr__(wrapper, "loom_gated", any(s.gate >= 0 for s in slots))
-    object.__setattr__(wrapper, "loom_cache", {"slots": tuple(slots), "fast_slots": fast})
+    return _view(_regional_class(type(original)), original.__dict__, dict(
+        loom_module=module, loom_stream=stream, loom_block=block_of_module(module), loom_source=source,
+        loom_fast=loom_fast, loom_exact=exact, loom_learned=learned, loom_gated=any(s.gate >= 0 for s in slots),
+        loom_cache={"slots": tuple(slots), "fast_slots": fast}))
+
+
+def _view(cls: type, state: dict, loom: dict) -> torch.nn.Module:
+    """An instance of ``cls`` whose module state *is* ``state`` (shared, not copied) with Loom's slots set."""
+    wrapper = object.__new__(cls)
+    object.__setattr__(wrapper, "__dict__", state)
+    for name, value in loom.items():
+        object.__setattr__(wrapper, name, value)
     return wrapper
 
 
