@@ -15,4 +15,4 @@ run:
 
 test:
 	bash dev/bootstrap.sh --browser
-	.loom/venv/bin/pytest $(ARGS)
+	$(PY) -m pytest $(ARGS)

@@ -79,20 +79,31 @@ PY
 
 [[ -f "$env_dir/.complete" ]] || build_env
 
-# Per-clone links (ignored by git).
+# Per-clone links and venv (ignored by git). `.loom/venv` is this clone's own small venv layered on the cached
+# one (a .pth adds the cached site-packages): the editable install of the pack, and so the `loom` command, always
+# run this clone's code, however many clones share the cache.
 mkdir -p "$repo/.loom"
-ln -sfn "$env_dir/venv" "$repo/.loom/venv"
 if [[ -n "${COMFYUI_PATH:-}" ]]; then ln -sfn "$COMFYUI_PATH" "$repo/.loom/comfyui"; else ln -sfn "$env_dir/comfyui" "$repo/.loom/comfyui"; fi
-
-# The `loom` console script, pointed at this clone (cheap when already so).
-marker="$env_dir/venv/.loom-editable"
-if [[ "$(cat "$marker" 2>/dev/null)" != "$repo" ]]; then
+venv="$repo/.loom/venv"
+# Older set-ups installed the pack into the shared venv, where it pointed at whichever clone came last.
+if [[ -f "$env_dir/venv/.loom-editable" ]]; then
+  "$env_dir/venv/bin/python" -m pip --disable-pip-version-check -q uninstall -y lora-loom >/dev/null 2>&1 || true
+  rm -f "$env_dir/venv/.loom-editable"
+fi
+if [[ -L "$venv" || "$(cat "$venv/.loom-env" 2>/dev/null)" != "$env_dir" ]]; then
+  log "creating this clone's venv over the cached environment"
+  rm -rf "$venv"
+  "$py" -m venv --without-pip "$venv"
+  shared_site="$("$env_dir/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  own_site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  echo "import site; site.addsitedir('$shared_site')" > "$own_site/_loom_shared_env.pth"
+  for tool in comfy playwright; do ln -sfn "$env_dir/venv/bin/$tool" "$venv/bin/$tool"; done
   log "installing the pack (editable) for the loom command"
-  if ! "$env_dir/venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation \
+  if ! "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation \
        -e "$repo" > "$repo/.loom/editable-install.log" 2>&1; then
     cat "$repo/.loom/editable-install.log" >&2; exit 1
   fi
-  echo "$repo" > "$marker"
+  echo "$env_dir" > "$venv/.loom-env"
 fi
 
 if [[ "${1:-}" == "--browser" ]] && ! command -v chromium >/dev/null 2>&1; then
