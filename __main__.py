@@ -8,6 +8,8 @@ else:  # run as a file: load the pack under its fixed name so relative imports w
     import sys
 
     _root = os.path.dirname(os.path.abspath(__file__))
+    # Python put this folder first on sys.path, where the pack's nodes/ would shadow ComfyUI's top-level `nodes`.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.util.spec_from_file_location("lora_loom", os.path.join(_root, "__init__.py"),
                                                    submodule_search_locations=[_root])
     _pack = importlib.util.module_from_spec(_spec)

@@ -209,6 +209,7 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
     ``prompt_tokens`` of text), ``regional`` (one pass over ``prompt_tokens + regions·region_tokens`` text tokens,
     every adapter on every token of its stream; attention over ``regional_pairs`` — the pairs the grouped path
     computes, default ``L²`` — plus a second, base-rule attention over ``base_pairs`` when ``base_blend``),
+    ``regional_noblend`` (``regional`` with ``base_blend`` off),
     ``dense_per_head`` (the peers' layout: the same pass over ``(1 + regions)·prompt_tokens`` text tokens, always
     ``L²`` pairs), ``gates`` (one pass, adapters on every token), ``clora`` (1 + adapters passes with adapters on
     every token of the concept passes, an upper bound), ``hooks`` (one full pass per region with its hook group's
@@ -218,6 +219,8 @@ def method_flops(method: str, shape: FluxShape, image_tokens: int, prompt_tokens
         raise FlopModelError(f"adapters/regions/rank: must be >= 1, got {adapters}, {regions}, {rank}")
     if region_tokens is not None and region_tokens < 1:
         raise FlopModelError(f"region_tokens: must be >= 1 or None (= prompt_tokens), got {region_tokens}")
+    if method == "regional_noblend":  # Loom regional with base blending off: no second, base-rule attention
+        method, base_blend = "regional", False
     per_region = prompt_tokens if region_tokens is None or method != "regional" else region_tokens
     plain = Workload(image_tokens, prompt_tokens)
     merged = base_flops(shape, plain)

@@ -28,6 +28,7 @@ import comfy.samplers
 import torch
 
 from ..composition.comfy_bridge.bench_compose import bench_model, random_adapters
+from ..composition.comfy_bridge.regional import ComposeOptions
 from ..composition.regional import active_rules, allowed_groups, base_allowed
 from ..kernels.joint_attention import grouped_layout
 from . import baselines
@@ -44,7 +45,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "flux-dev": dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38, context_in_dim=4096,
                      vec_in_dim=768, axes_dim=[16, 56, 56]),
 }
-METHODS = ("base", "merged", "regional", "gates", "clora", "hooks", "dense_per_head", "composite")
+METHODS = ("base", "merged", "regional", "regional_noblend", "gates", "clora", "hooks", "dense_per_head", "composite")
 # Methods other packs' helpers provide: module (relative to the pack) -> a ``bench_setup(patcher, scene)`` that
 # returns a :class:`baselines.MethodSetup`. Absent modules leave the method out with a note.
 EXTERNAL_METHODS = {"gates": "composition.comfy_bridge.bench_gates", "clora": "composition.comfy_bridge.bench_clora"}
@@ -184,6 +185,9 @@ def build_setup(method: str, patcher: Any, scene: baselines.Scene, folder: Path,
         return baselines.merged_setup(patcher, scene)
     if method == "regional":
         return baselines.regional_setup(patcher, scene)
+    if method == "regional_noblend":
+        return baselines.regional_setup(patcher, scene, method=method, options=ComposeOptions(
+            latent_reinit=False, end_percent=1.0, base_blend=False))
     if method == "dense_per_head":
         return baselines.dense_per_head_setup(patcher, scene)
     if method == "hooks":
@@ -258,7 +262,8 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
             rows.append(PerfRow(**common, note=notes[method]))
             continue
         setup = setups[method]
-        regional_pairs, base_pairs = attention_pairs(setup, image_tokens) if method == "regional" else (None, None)
+        regional_pairs, base_pairs = (attention_pairs(setup, image_tokens) if method.startswith("regional")
+                                       else (None, None))
         work = method_flops(method, shape, image_tokens, config.prompt_tokens, adapters, regions, config.rank,
                             regional_pairs=regional_pairs, base_pairs=base_pairs, region_tokens=config.region_length)
         steps = timings[method].steps
