@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,19 @@ def test_run_command_once_draws_both_concepts_in_their_regions(tmp_path):
     left, right = detector.detect(pixels, (0.0, 0.0, 0.5, 1.0)), detector.detect(pixels, (0.5, 0.0, 1.0, 1.0))
     assert left.matches(shape="ring", colour="blue", texture="solid"), left
     assert right.matches(shape="triangle", colour="yellow", texture="striped"), right
+
+
+def test_a_server_started_by_a_killed_process_does_not_outlive_it():
+    """ComfyServer's child hook: SIGKILL skips every finaliser, yet the child (here `sleep`) ends with its parent."""
+    script = ("import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); from loomdev.server import "
+              "_die_with_parent; p = subprocess.Popen(['sleep', '120'], start_new_session=True, "
+              "preexec_fn=_die_with_parent); print(p.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(REPO / "dev")], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = Path(f"/proc/{child}/status")
+    assert not status.exists() or "zombie" in status.read_text(), f"child {child} outlived its killed parent"
