@@ -22,6 +22,9 @@ from ..composition.adapters import NEEDS_BASE, WEIGHT, AdapterSet, merged_delta
 from ..composition.adapters.adapter_set import Adapter
 from ..composition.formats import check_shapes
 from ..composition.loading import read_header
+from ..composition.numbers import STRENGTH_LIMIT
+from ..files.writing import OutputFileError, check_output, write_file
+from .arguments import add_force, float_in
 from .inspect import InspectError, load_for_cli
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ class BaseModelFile:
 
     def __init__(self, path: str):
         self.path = Path(path)
+        if not self.path.is_file():
+            raise InspectError(f"{path}: no such file")
         try:
             header = read_header(self.path)
         except (ValueError, OSError) as err:
@@ -57,8 +62,14 @@ class BaseModelFile:
         """The base parameter ``key`` in float32 ``[*shape]``; InspectError naming the key when absent."""
         if key not in self._names:
             raise InspectError(f"{self.path.name}: has no parameter {key} (is it a Flux diffusion model?)")
-        with safe_open(str(self.path), framework="pt", device="cpu") as f:
-            return f.get_tensor(self._names[key]).to(torch.float32)
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                tensor = f.get_tensor(self._names[key]).to(torch.float32)
+        except Exception as err:  # the file changed after its header was checked, or is unreadable
+            raise InspectError(f"{self.path.name}: cannot read {key} ({err})") from err
+        if not bool(torch.isfinite(tensor).all()):
+            raise InspectError(f"{self.path.name}: parameter {key} holds NaN or infinite values")
+        return tensor
 
 
 def parameter_deltas(adapter_set: AdapterSet, strength: float = 1.0,
@@ -104,23 +115,31 @@ def parameter_deltas(adapter_set: AdapterSet, strength: float = 1.0,
 def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("delta", help="write a LoRA's effective weight change (float32, ComfyUI Flux names)")
     p.add_argument("file", help="a .safetensors LoRA")
-    p.add_argument("--out", required=True, help="output .safetensors")
-    p.add_argument("--strength", type=float, default=1.0, help="multiplier applied to every delta (default 1)")
+    p.add_argument("--out", required=True, help="output .safetensors (a new file; see --force)")
+    p.add_argument("--strength", type=float_in(-STRENGTH_LIMIT, STRENGTH_LIMIT), default=1.0,
+                   help=f"multiplier applied to every delta, within +-{STRENGTH_LIMIT:g} (default 1)")
     p.add_argument("--model", help="Flux diffusion-model .safetensors (needed for DoRA and set_weight)")
+    add_force(p, "--out file")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = [args.file, *([args.model] if args.model else [])]
     try:
+        check_output(args.out, force=args.force, inputs=inputs)
         adapter_set = load_for_cli(args.file)
         base = BaseModelFile(args.model) if args.model else None
         deltas = parameter_deltas(adapter_set, args.strength, base)
-    except InspectError as err:
+        metadata = {"lora_loom.source": Path(args.file).name, "lora_loom.sha256": adapter_set.sha256 or "",
+                    "lora_loom.strength": repr(args.strength), "lora_loom.format": adapter_set.format}
+        write_file(args.out, lambda temporary: save_file(deltas, temporary, metadata=metadata), force=args.force,
+                   inputs=inputs)
+    except (InspectError, OutputFileError) as err:
         sys.stderr.write(f"loom delta: error: {err}\n")
         return 1
-    metadata = {"lora_loom.source": Path(args.file).name, "lora_loom.sha256": adapter_set.sha256 or "",
-                "lora_loom.strength": repr(args.strength), "lora_loom.format": adapter_set.format}
-    save_file(deltas, args.out, metadata=metadata)
+    except OSError as err:
+        sys.stderr.write(f"loom delta: error: cannot write {args.out}: {err.strerror or err}\n")
+        return 1
     skipped = len(adapter_set.te_adapters)
     sys.stdout.write(f"{args.out}: {len(deltas)} parameters"
                      + (f" ({skipped} text-encoder modules left out)" if skipped else "") + "\n")

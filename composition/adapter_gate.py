@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from .block_weights import point_at
 from .gates import GateError, GateSchedule, Keyframe
 from .learned_gate import LearnedGates
+from .numbers import STRENGTH_LIMIT
 from .stack import StackEntry
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ class AdapterGate:
         return f"{self.lora or '*'}: " + ("; ".join(parts) or "constant 1")
 
 
+def _gate_value(token: str, text: str, position: int) -> float:
+    value = float(token)
+    if not math.isfinite(value) or abs(value) > STRENGTH_LIMIT:
+        raise GateError(f"gate value {token} is outside [-{STRENGTH_LIMIT:g}, {STRENGTH_LIMIT:g}] at "
+                        f"{point_at(text, position)}")
+    return value
+
+
 def parse_keyframes(text: str) -> tuple[Keyframe, ...]:
     """``"0:1, 0.5:0.2"`` -> keyframes sorted as written; ``"0.7"`` -> constant 0.7; errors show a caret."""
     stripped = text.strip()
@@ -70,13 +79,13 @@ def parse_keyframes(text: str) -> tuple[Keyframe, ...]:
         if ":" not in body:
             if len(frames) or stripped.count(",") or not _NUMBER.fullmatch(body):
                 raise GateError(f"keyframe {body!r} needs the form progress:value at {point_at(text, start)}")
-            return (Keyframe(0.0, float(body)),)
+            return (Keyframe(0.0, _gate_value(body, text, start)),)
         left, _, right = body.partition(":")
         for raw, offset in ((left.strip(), 0), (right.strip(), len(left) + 1)):
             if not _NUMBER.fullmatch(raw):
                 where = start + offset + (len(body[offset:]) - len(body[offset:].lstrip()))
                 raise GateError(f"{raw!r} is not a number at {point_at(text, where)}")
-        progress, value = float(left), float(right)
+        progress, value = float(left), _gate_value(right.strip(), text, start + len(left) + 1)
         if not 0.0 <= progress <= 1.0:
             raise GateError(f"progress {progress:g} is outside [0, 1] at {point_at(text, start)}")
         if frames and progress < frames[-1].progress:

@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .numbers import STRENGTH_LIMIT, checked_number
+
 logger = logging.getLogger(__name__)
 
 FLUX_DOUBLE_BLOCKS = 19
@@ -109,8 +111,7 @@ class BlockWeights:
 
     def __post_init__(self) -> None:
         for value in (self.base, *self.double, *self.single):
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise BlockWeightsError(f"block weights must be finite numbers, got {value!r}")
+            checked_number(value, "a block weight", error=BlockWeightsError)
 
     @classmethod
     def uniform(cls, value: float = 1.0, double_blocks: int = FLUX_DOUBLE_BLOCKS,
@@ -189,7 +190,10 @@ def _value(token: str, text: str, position: int, a_value: float | None, b_value:
         raise _fail("space-separated sub-values (LyCORIS per-layer ratios) are not supported", text, position)
     if not _NUMBER.match(token):
         raise _fail(f"expected a number, got {token!r}", text, position)
-    return float(token)
+    value = float(token)
+    if not math.isfinite(value) or abs(value) > STRENGTH_LIMIT:
+        raise _fail(f"block weight {token} is outside [-{STRENGTH_LIMIT:g}, {STRENGTH_LIMIT:g}]", text, position)
+    return value
 
 
 def _items(text: str, start: int) -> list[tuple[str, int]]:

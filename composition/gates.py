@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .block_weights import BlockWeights
+from .numbers import STRENGTH_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ class GateSchedule:
                             f"{self.interpolation!r} is not one of {INTERPOLATIONS}")
         previous = -math.inf
         for number, keyframe in enumerate(self.keyframes):
-            if not (0.0 <= keyframe.progress <= 1.0) or not math.isfinite(keyframe.value):
+            if (not (0.0 <= keyframe.progress <= 1.0) or not math.isfinite(keyframe.value)
+                    or abs(keyframe.value) > STRENGTH_LIMIT):
                 raise GateError(f"gate schedule for adapter {self.adapter!r}: keyframe {number} {keyframe} needs "
-                                "progress in [0, 1] and a finite value")
+                                f"progress in [0, 1] and a finite value within +-{STRENGTH_LIMIT:g}")
             if keyframe.progress < previous:
                 raise GateError(f"gate schedule for adapter {self.adapter!r}: keyframe {number} {keyframe} "
                                 "comes before the previous one; sort keyframes by progress")

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..files.safetensors_header import HeaderError, read_header
+
 logger = logging.getLogger(__name__)
 
 DOUBLE_LAYERS: dict[str, str] = {
@@ -49,6 +51,7 @@ GATE_PARAMETERS = ("weight_base", "weight_lora", "weight_cross", "weight_out", "
                    "norm_base.weight", "norm_base.bias", "norm_lora.weight", "norm_lora.bias")
 CHECKPOINT_PREFIX = "model_dict."
 LAYER_NORM_EPS = 1e-5
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 Deltas = torch.Tensor | Sequence[torch.Tensor]
 
@@ -141,10 +144,21 @@ class LearnedGates(torch.nn.Module):
 
 
 def load_learned_gates(path: str | Path, device: str | torch.device = "cpu") -> LearnedGates:
-    """Read a DiffSynth LoRA-fusion checkpoint (layout in the module docstring) into :class:`LearnedGates`."""
+    """Read a DiffSynth LoRA-fusion checkpoint (layout in the module docstring) into :class:`LearnedGates`.
+
+    The header goes through the pack's one validator first; every parameter must be finite."""
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        raise LearnedGateError(str(exc)) from None
+    for key, entry in header.tensors.items():
+        if entry.dtype not in FLOAT_DTYPES:
+            raise LearnedGateError(f"{path}: key {key!r} has dtype {entry.dtype}; gate parameters are floating point")
     tensors = load_file(str(path), device=str(device))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor.float()).all()):
+            raise LearnedGateError(f"{path}: key {key!r} holds NaN or infinite values")
         layer_key, _, parameter = key.removeprefix(CHECKPOINT_PREFIX).partition(".")
         if parameter not in GATE_PARAMETERS:
             raise LearnedGateError(f"{path}: key {key!r} is not a gate parameter ({', '.join(GATE_PARAMETERS)})")

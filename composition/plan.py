@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .numbers import checked_number
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,8 @@ class Region:
             raise PlanError(f"{_where(index, 'box')}: expected 4 numbers (x0, y0, x1, y1), got {len(self.box)}")
         if self.box_units not in BOX_UNITS:
             raise PlanError(f"{_where(index, 'box_units')}: {self.box_units!r} is not one of {BOX_UNITS}")
-        x0, y0, x1, y1 = (float(v) for v in self.box)
+        x0, y0, x1, y1 = (checked_number(v, f"{_where(index, 'box')}[{i}]", -math.inf, math.inf, PlanError)
+                          for i, v in enumerate(self.box))
         if self.box_units == "pixels":
             if not self.canvas_width or not self.canvas_height or self.canvas_width <= 0 or self.canvas_height <= 0:
                 raise PlanError(f"{_where(index, 'canvas_width')}: pixel boxes need a positive canvas size")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from .block_weights import BlockWeights, point_at
 from .gates import GateSchedule, Keyframe
+from .numbers import STRENGTH_LIMIT
 
 logger = logging.getLogger(__name__)
 
@@ -182,17 +183,20 @@ class _Parser:
         self.index = close + 1
         return _Lora(LoraTag(name, model, clip), opened)
 
-    def number(self, raw: str, position: int, what: str) -> float:
+    def number(self, raw: str, position: int, what: str, limit: float = STRENGTH_LIMIT) -> float:
         token = raw.strip()
         offset = position + len(raw) - len(raw.lstrip())
         if not _NUMBER.match(token):
             raise self.fail(f"expected {what} (a number), got {token!r}", offset)
-        return float(token)
+        value = float(token)
+        if not math.isfinite(value) or abs(value) > limit:
+            raise self.fail(f"{what} {token} is outside [-{limit:g}, {limit:g}]", offset)
+        return value
 
     def switch_point(self, raw: str, position: int) -> float:
         token = raw.strip()
         offset = position + len(raw) - len(raw.lstrip())
-        value = self.number(raw, position, "a switch point")
+        value = self.number(raw, position, "a switch point", limit=1e9)
         if "." not in token:
             if self.num_steps:
                 if not 0 <= value <= self.num_steps:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..files.json_text import JsonTextError, parse_json
 from .adapters import AdapterSet
+from .numbers import checked_number
 
 if TYPE_CHECKING:
     from .adapter_gate import AdapterGate
@@ -60,9 +61,7 @@ class StackEntry:
 
 
 def _number(value: Any, row: int, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise StackError(f"stack row {row}: field {name!r} must be a finite number, got {value!r}")
-    return float(value)
+    return checked_number(value, f"stack row {row}: field {name!r}", error=StackError)
 
 
 def row_from_dict(data: Any, row: int) -> StackRow:
@@ -95,9 +94,9 @@ def parse_rows(text: str) -> list[StackRow]:
     if not text.strip():
         return []
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise StackError(f"stack rows are not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from err
+        data = parse_json(text, "stack rows")
+    except JsonTextError as err:
+        raise StackError(str(err)) from None
     if not isinstance(data, list):
         raise StackError(f"stack rows must be a JSON list of rows, got {type(data).__name__}")
     return [row_from_dict(item, i) for i, item in enumerate(data)]
@@ -138,7 +137,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 8) -> tuple[str, ...]:
                 for tag, n in tags.items():
                     counts[tag.strip()] = counts.get(tag.strip(), 0) + int(n)
             words += [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:limit] if t]
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, OverflowError, RecursionError):
             logger.warning("ignoring unreadable ss_tag_frequency metadata")
     seen: dict[str, None] = {}
     for w in words:

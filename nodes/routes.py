@@ -17,15 +17,19 @@ import mimetypes
 import os
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from ..composition.comfy_bridge.model_files import confined_model_path
+from ..files.folders import OutsideFoldersError, relative_name
 from ..retrieval.comfy_bridge import (
     PROGRESS_EVENT,
+    RESCANS,
     ScanBusy,
     ensure_scanned,
-    inside_roots,
+    lora_file,
     scan_library,
     send_ui_event,
     server_library,
@@ -38,7 +42,9 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "/loom/library"
 MAX_TOP_K = 200
-PREVIEW_TYPES = {".png", ".jpg", ".jpeg", ".webp", ".gif"}
+MAX_REFERENCE = 1024
+RESOLVE_WAIT_S = 20.0
+PREVIEW_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 
 class RouteError(Exception):
@@ -54,10 +60,13 @@ def _reference(value: str | None, field: str = "ref") -> str:
     ref = (value or "").strip()
     if not ref:
         raise RouteError(400, f"missing query parameter {field!r}")
-    parts = ref.replace("\\", "/").split("/")
-    if ref.startswith(("/", "\\")) or os.path.isabs(ref) or (len(ref) > 1 and ref[1] == ":") or ".." in parts:
-        raise RouteError(400, f"{field} {ref!r} must be a sha256 or a path relative to a loras folder "
-                              "(no absolute paths, no '..')")
+    if len(ref) > MAX_REFERENCE:
+        raise RouteError(400, f"{field} is {len(ref)} characters long (at most {MAX_REFERENCE})")
+    try:
+        relative_name(ref, field)
+    except OutsideFoldersError:
+        raise RouteError(400, f"{field} {ref[:200]!r} must be a sha256 or a path relative to a loras folder "
+                              "(no absolute paths, no '..')") from None
     return ref
 
 
@@ -96,12 +105,13 @@ def details(query: dict[str, str]) -> dict[str, Any]:
     library = server_library(plain=True)
     found = library.details(ref)
     if found is None:
-        import folder_paths
-
         from ..composition.loading import cached_sha256
 
-        path = folder_paths.get_full_path("loras", ref)
-        if path is None or not inside_roots(path):
+        try:
+            path = lora_file(ref)
+        except OutsideFoldersError as exc:
+            raise RouteError(404, f"no LoRA {ref!r} in the library or in your loras folders ({exc})") from None
+        if path is None:
             raise RouteError(404, f"no LoRA {ref!r} in the library or in your loras folders")
         return {"lora": ref.replace("\\", "/"), "sha256": cached_sha256(path), "indexed": False}
     return details_json(found, _preview_url(found.sha256 or found.relpath) if found.preview else None)
@@ -111,9 +121,13 @@ def preview(query: dict[str, str]) -> tuple[bytes, str]:
     """The preview image's bytes and content type; only images inside the loras folders."""
     ref = _reference(query.get("ref"))
     path = server_library(plain=True).preview_path(ref)
-    if path is None or path.suffix.lower() not in PREVIEW_TYPES or not inside_roots(str(path)):
-        raise RouteError(404, f"no preview image for {ref!r}")
-    return path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    try:
+        if path is None:
+            raise FileNotFoundError(ref)
+        shown = confined_model_path("loras", path, PREVIEW_TYPES)
+    except (OutsideFoldersError, OSError):
+        raise RouteError(404, f"no preview image for {ref!r}") from None
+    return Path(shown).read_bytes(), mimetypes.guess_type(shown)[0] or "application/octet-stream"
 
 
 def rescan(_: dict[str, str]) -> dict[str, Any]:
@@ -138,12 +152,14 @@ def resolve(query: dict[str, str]) -> dict[str, Any]:
     library = server_library(plain=True)
     try:
         found = library.resolve(name or None, sha256 or None)
-        if found is None and sha256:
-            scan_library(library)
+        if found is None and sha256 and RESCANS.request(RESOLVE_WAIT_S):  # one shared, throttled rescan
             found = library.resolve(name or None, sha256)
+        confined = confined_model_path("loras", found) if found is not None else None
+    except (OutsideFoldersError, OSError):
+        confined = None
     except ValueError as exc:
         raise RouteError(400, str(exc)) from None
-    if found is None or not inside_roots(str(found)):
+    if confined is None:
         what = f"{name!r}" + (f" with sha256 {sha256}" if sha256 else "")
         raise RouteError(404, f"no file in your loras folders matches {what}")
     for root in library.roots:
@@ -164,6 +180,9 @@ async def _answer(call: Callable[[dict[str, str]], Any], request: web.Request) -
         return web.json_response({"error": str(exc)}, status=exc.status)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         return web.json_response({"error": str(exc)}, status=400)
+    except Exception as exc:  # logged with its traceback; the panel gets JSON naming the failure, not HTML
+        logger.exception("library route %s failed", request.path)
+        return web.json_response({"error": f"{request.path} failed: {type(exc).__name__}: {exc}"}, status=500)
     if isinstance(result, tuple):
         body, content_type = result
         return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "max-age=60"})

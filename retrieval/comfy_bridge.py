@@ -27,9 +27,11 @@ from typing import Any
 
 import folder_paths
 
+from ..bounded_cache import BoundedCache
 from ..composition.stack import StackEntry
 from .explain import hits_text
 from .library import Library
+from .rescan import RescanScheduler
 from .scan import ProgressCallback, ScanReport
 from .search import Hit, SearchFilters
 from .text_encoders import HashedTextEncoder, TextEncoder
@@ -54,11 +56,6 @@ def lora_roots() -> list[str]:
 
 def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
-
-
-def inside_roots(path: str, roots: list[str] | None = None) -> bool:
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, root]) == root for root in (roots or lora_roots()))
 
 
 def library_folder() -> str:
@@ -120,7 +117,7 @@ def configured_clip_l() -> str | None:
     raise FileNotFoundError(f"{settings_path}: clip_l {name!r} is not in your text_encoders/clip folders")
 
 
-_ENCODERS: dict[str, TextEncoder] = {}
+_ENCODERS: BoundedCache[str, TextEncoder] = BoundedCache("library text encoders", max_entries=2)
 _LOCK = threading.Lock()
 
 
@@ -129,9 +126,7 @@ def default_text_encoder() -> TextEncoder:
     path = configured_clip_l()
     key = path or "hashed"
     with _LOCK:
-        if key not in _ENCODERS:
-            _ENCODERS[key] = load_clip_l_file(path) if path else HashedTextEncoder()
-        return _ENCODERS[key]
+        return _ENCODERS.get_or_put(key, lambda: load_clip_l_file(path) if path else HashedTextEncoder())
 
 
 def trained_weight_encoder(text_encoder: TextEncoder) -> WeightEncoder | None:
@@ -148,8 +143,8 @@ def trained_weight_encoder(text_encoder: TextEncoder) -> WeightEncoder | None:
 
 
 # --------------------------------------------------------------------------------------------- library
-_LIBRARIES: dict[tuple[object, ...], Library] = {}
-_SCANNED: set[tuple[object, ...]] = set()
+_LIBRARIES: BoundedCache[tuple[object, ...], Library] = BoundedCache("libraries", max_entries=8)
+_SCANNED: BoundedCache[tuple[object, ...], bool] = BoundedCache("scanned libraries", max_entries=64)
 _SCAN_LOCK = threading.Lock()
 
 
@@ -179,7 +174,7 @@ def server_library(text_encoder: TextEncoder | None = None, *, plain: bool = Fal
             else:
                 library = Library(key[0], list(key[1]), text_encoder=encoder, weight_signatures=True,
                                   weight_encoder=trained_weight_encoder(encoder))
-            _LIBRARIES[key] = library
+            _LIBRARIES.put(key, library)
         elif encoder is not None:
             library.text_encoder = encoder  # same weights (same name); drop the reference to an older CLIP
     return library
@@ -191,7 +186,7 @@ def scan_library(library: Library, progress: ProgressCallback | None = None, wai
         raise ScanBusy("a library scan is already running; wait for it to finish")
     try:
         report = library.scan(progress)
-        _SCANNED.add(_library_key(library.text_encoder))
+        _SCANNED.put(_library_key(library.text_encoder), True)
         logger.info("library scan: %d files, %d added, %d updated, %d removed, %d errors in %.2f s", report.total,
                     report.added, report.updated, report.removed, len(report.errors), report.seconds)
         return report
@@ -234,10 +229,22 @@ def ui_progress(also: Callable[[int, int], None] | None = None, interval: float 
 
 
 # ------------------------------------------------------------------------------------------- resolving
+def lora_file(name: str) -> str | None:
+    """The LoRA ``name`` (relative to a loras folder) through the one confinement check, or ``None`` when no
+    loras folder has it. Absolute names, ``..``, links leading outside and pickles raise ``OutsideFoldersError``."""
+    from ..composition.comfy_bridge.model_files import model_file
+
+    try:
+        return model_file("loras", name)
+    except FileNotFoundError:
+        return None
+
+
 def resolve_lora(name: str, sha256: str | None = None) -> str:
     """The file for a LoRA reference. With a sha256, the file must have that hash: a same-named file with other
-    content is refused rather than silently used; a renamed file is found by hash through the library index."""
-    path = folder_paths.get_full_path("loras", name)
+    content is refused rather than silently used; a renamed file is found by hash through the library index.
+    (The loader hashes the file again when it opens it: a pinned load never trusts a size/mtime shortcut.)"""
+    path = lora_file(name)
     if path is not None and sha256:
         from ..composition.loading import cached_sha256
 
@@ -261,18 +268,32 @@ def resolve_lora(name: str, sha256: str | None = None) -> str:
     raise FileNotFoundError(f"LoRA {name!r}{hint} is not in your loras folders: {', '.join(lora_roots())}")
 
 
-def find_by_hash(sha256: str, name: str | None = None) -> str | None:
-    """The file inside the roots whose content has ``sha256`` (same file name preferred), through the index;
-    when the index does not know it, one incremental scan runs first. Never a file with other content."""
+def _rescan_plain_library() -> None:
+    scan_library(server_library(plain=True))
+
+
+RESCANS = RescanScheduler(_rescan_plain_library)
+
+
+def find_by_hash(sha256: str, name: str | None = None, wait: float | None = None) -> str | None:
+    """The file inside the loras folders whose content has ``sha256`` (same file name preferred), looked up
+    in the index. When the index does not know it, the shared background rescan is requested (at most one at
+    a time, throttled; see :mod:`.rescan`) and, if it finishes within ``wait`` seconds (``None``: however long
+    it takes), looked up once more. Never a file with other content, never a file outside the folders."""
     library = server_library(plain=True)
     base = os.path.basename((name or "").replace("\\", "/")) or None
     found = library.resolve(base, sha256)
-    if found is None:
-        scan_library(library)
+    if found is None and RESCANS.request(wait):
         found = library.resolve(base, sha256)
-    if found is not None and inside_roots(str(found)):
-        return str(found)
-    return None
+    if found is None:
+        return None
+    from ..composition.comfy_bridge.model_files import confined_model_path
+    from ..files.folders import OutsideFoldersError
+
+    try:
+        return confined_model_path("loras", found)
+    except (OutsideFoldersError, OSError):
+        return None
 
 
 def comfy_progress_bar() -> Callable[[int, int], None]:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .scan import ProgressCallback, ScanError, ScanReport, inside, scan_roots, sha256_of
+from ..files.folders import OutsideFoldersError, confine
+from .scan import ProgressCallback, ScanError, ScanReport, scan_roots, sha256_of
 from .search import (Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fuse, hits_from_rows, query_terms,
                      text_ranking)
 from .store import ConnectionPool, VectorMatrix, generation, load_vectors, store_vectors, write_transaction
@@ -31,6 +32,7 @@ from .weight_vectors import SIGNATURE_KIND, WEIGHT_KIND, SignatureSpace, refresh
 logger = logging.getLogger(__name__)
 
 _HEX = re.compile(r"^[0-9a-f]{10,64}$")
+PREVIEW_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 TEXT_KIND = "text"
 
 
@@ -257,11 +259,11 @@ class Library:
             sources=tuple(json.loads(str(row["sources"]))), problems=tuple(json.loads(str(row["problems"]))))
 
     def _current_file(self, row: dict[str, object]) -> str | None:
-        """The row's path if it still exists inside the roots (symlinks resolved), else ``None``."""
-        path = str(row["path"])
-        if not inside(os.path.realpath(path), self.real_roots) or not os.path.isfile(path):
+        """The row's path if it is still a safetensors file inside the roots (symlinks resolved), else ``None``."""
+        try:
+            return confine(str(row["path"]), self.real_roots, what="library file")
+        except (OutsideFoldersError, OSError):
             return None
-        return path
 
     def _current_sha256(self, row: dict[str, object]) -> str | None:
         """The file's sha256, re-hashed (and stored) when missing or when size/mtime changed since the scan."""
@@ -314,9 +316,10 @@ class Library:
         if row is None or not row["preview"]:
             return None
         candidate = os.path.join(os.path.dirname(str(row["path"])), str(row["preview"]))
-        if not inside(os.path.realpath(candidate), self.real_roots) or not os.path.isfile(candidate):
+        try:
+            return Path(confine(candidate, self.real_roots, PREVIEW_IMAGE_SUFFIXES, what="preview"))
+        except (OutsideFoldersError, OSError):
             return None
-        return Path(candidate)
 
     def errors(self) -> list[ScanError]:
         """Files recorded as errors, with their reasons."""

@@ -7,12 +7,13 @@ values, and taking the ordered union for lists (trigger words, tags).
 from __future__ import annotations
 
 import html
-import json
 import logging
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..files.json_text import parse_json
 from .header import SafetensorsHeader
 
 logger = logging.getLogger(__name__)
@@ -131,34 +132,32 @@ def normalise_base_model(value: str) -> str:
     return squashed
 
 
-def _parse_int(value: str | None) -> int | None:
-    try:
-        return int(float(value)) if value not in (None, "", "None") else None
-    except ValueError:
-        return None
-
-
 def _parse_float(value: str | None) -> float | None:
+    """A finite number within what SQLite stores exactly as an integer, else ``None`` (``inf``, ``1e400``)."""
     try:
-        return float(value) if value not in (None, "", "None") else None
+        number = float(value) if value not in (None, "", "None") else None
     except ValueError:
         return None
+    return number if number is not None and math.isfinite(number) and abs(number) < 2 ** 53 else None
+
+
+def _parse_int(value: str | None) -> int | None:
+    number = _parse_float(value)
+    return None if number is None else int(number)
 
 
 def _tag_frequency(path: str, raw: str | None) -> dict[str, int]:
     """``ss_tag_frequency`` is JSON ``{dataset_dir: {tag: count}}``; counts are summed over directories."""
     if not raw:
         return {}
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: metadata 'ss_tag_frequency' is not JSON ({exc.msg})") from None
+    parsed = parse_json(raw, f"{path}: metadata 'ss_tag_frequency'")
     totals: dict[str, int] = {}
     if isinstance(parsed, dict):
         for tags in parsed.values():
             if isinstance(tags, dict):
                 for tag, count in tags.items():
-                    if isinstance(count, (int, float)) and str(tag).strip():
+                    if (isinstance(count, (int, float)) and not isinstance(count, bool) and math.isfinite(count)
+                            and 0 <= count < 2 ** 53 and str(tag).strip()):
                         totals[str(tag).strip()] = totals.get(str(tag).strip(), 0) + int(count)
     top = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:TOP_TAG_FREQUENCIES]
     return dict(top)

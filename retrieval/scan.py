@@ -1,11 +1,13 @@
 """Scanning library roots into the index: walk (symlink-safe), describe changed files, write in batches.
 
 Incremental: a file whose (size, mtime_ns) and sidecar fingerprint match its row is not opened at all;
-rows of vanished files are deleted. Refused files (pickles, foreign or corrupt files, symlinks escaping the
-roots) become ``status='error'`` rows with a reason and never stop the scan.
+rows of vanished files are deleted. Refused files (pickles, corrupt headers, symlinks escaping the roots)
+become ``status='error'`` rows with a reason; entries that cannot even be listed (link loops, dangling links)
+are reported as errors of the scan. Neither ever stops the scan.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -16,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files.folders import inside
+from ..files.json_text import check_text
 from . import header as header_module
 from .header import ADAPTER_SUFFIXES, HeaderError, refusal_reason
 from .metadata import AdapterMetadata, facts_from_header, merge_facts, normalise_base_model
@@ -69,11 +73,6 @@ class FileCandidate:
     escape: str
 
 
-def inside(real_path: str, real_roots: Sequence[str]) -> bool:
-    """Whether ``real_path`` (already resolved) is one of ``real_roots`` or below one."""
-    return any(real_path == r or real_path.startswith(r.rstrip(os.sep) + os.sep) for r in real_roots)
-
-
 def _sidecar_key(directory: str, sidecars: SidecarSet) -> str:
     parts = []
     for name in sidecars.names():
@@ -109,33 +108,48 @@ def walk_roots(roots: Sequence[str]) -> tuple[list[FileCandidate], list[ScanErro
                 continue
             names = {e.name for e in entries}
             for entry in sorted(entries, key=lambda e: e.name):
-                link = entry.is_symlink()
-                real = os.path.realpath(entry.path) if link else os.path.join(real_dir, entry.name)
-                escaped = not inside(real, real_roots)
-                if entry.is_dir():
-                    if entry.name.startswith("."):
-                        continue
-                    if escaped:
-                        problems.append(ScanError(root, os.path.relpath(entry.path, root).replace(os.sep, "/"),
-                                                  f"folder link points outside the library roots ({real}); "
-                                                  "not followed"))
-                    else:
-                        stack.append((entry.path, real))
-                    continue
-                if Path(entry.name).suffix.lower() not in ADAPTER_SUFFIXES or not entry.is_file():
-                    continue
-                relpath = os.path.relpath(entry.path, root).replace(os.sep, "/")
                 try:
-                    st = entry.stat(follow_symlinks=not escaped)
-                except FileNotFoundError:  # deleted while we were listing: it simply is not there
-                    continue
-                sidecars = find_sidecars(entry.name, names)
-                found.append(FileCandidate(
-                    path=entry.path, root=root, relpath=relpath, folder=relpath.rpartition("/")[0],
-                    directory=directory, file_name=entry.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
-                    sidecars=sidecars, sidecar_key=_sidecar_key(directory, sidecars),
-                    escape=f"link target {real} is outside the library roots; not opened" if escaped else ""))
+                    _visit(entry, root, directory, real_dir, real_roots, names, found, stack)
+                except (OSError, ValueError) as exc:  # a link loop (ELOOP) or dangling link, a folder link
+                    # leading outside the roots, a name that is not UTF-8: listed, never the end of the scan
+                    relpath = os.path.relpath(entry.path, root).replace(os.sep, "/")
+                    reason = f"cannot read this entry: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+                    problems.append(ScanError(root, relpath.encode("utf-8", "replace").decode("utf-8"), reason))
     return found, problems
+
+
+def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, real_roots: Sequence[str],
+           names: set[str], found: list[FileCandidate], stack: list[tuple[str, str]]) -> None:
+    """One directory entry of :func:`walk_roots`: queue a folder, add a candidate file, or raise."""
+    link = entry.is_symlink()
+    real = os.path.realpath(entry.path) if link else os.path.join(real_dir, entry.name)
+    escaped = not inside(real, real_roots)
+    if entry.is_dir():
+        if entry.name.startswith("."):
+            return
+        check_text(entry.name, "folder name")
+        if escaped:
+            raise ValueError(f"folder link points outside the library roots ({real}); not followed")
+        stack.append((entry.path, real))
+        return
+    if Path(entry.name).suffix.lower() not in ADAPTER_SUFFIXES:
+        return
+    check_text(entry.name, "file name")
+    if link and not escaped and not os.path.exists(real):
+        raise OSError(errno.ENOENT, "the link points to nothing (dangling or a loop)")
+    if not escaped and not entry.is_file():
+        return
+    relpath = os.path.relpath(entry.path, root).replace(os.sep, "/")
+    try:
+        st = entry.stat(follow_symlinks=not escaped)
+    except FileNotFoundError:  # deleted while we were listing: it simply is not there
+        return
+    sidecars = find_sidecars(entry.name, names)
+    found.append(FileCandidate(
+        path=entry.path, root=root, relpath=relpath, folder=relpath.rpartition("/")[0],
+        directory=directory, file_name=entry.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+        sidecars=sidecars, sidecar_key=_sidecar_key(directory, sidecars),
+        escape=f"link target {real} is outside the library roots; not opened" if escaped else ""))
 
 
 def sha256_of(path: str) -> str:
@@ -161,7 +175,17 @@ class DescribedFile:
 
 
 def describe(candidate: FileCandidate, known_sha256: str | None, hash_files: bool) -> DescribedFile:
-    """Read header + sidecars of one candidate; errors are captured in ``error``, never raised."""
+    """Read header + sidecars of one candidate; errors are captured in ``error``, never raised: one bad file
+    costs one error row, never the scan."""
+    try:
+        return _describe(candidate, known_sha256, hash_files)
+    except Exception as exc:  # a bug or an unforeseen file: logged with its traceback, recorded as the file's error
+        logger.exception("library scan: %s could not be described", candidate.path)
+        return DescribedFile(candidate, None, f"could not be read ({type(exc).__name__}: {exc})"[:500], None, 0,
+                             True, False)
+
+
+def _describe(candidate: FileCandidate, known_sha256: str | None, hash_files: bool) -> DescribedFile:
     stem = candidate.file_name.rsplit(".", 1)[0]
     reason = candidate.escape or refusal_reason(Path(candidate.file_name))
     if reason:
@@ -195,6 +219,13 @@ _UPSERT = (f"INSERT INTO adapters({', '.join(_COLUMNS)}) VALUES ({', '.join('?' 
 
 
 def _row(item: DescribedFile) -> tuple[object, ...]:
+    """The ``adapters`` row of ``item``; text SQLite cannot store (lone surrogates from a sidecar's JSON
+    escapes) is replaced rather than failing the batch."""
+    return tuple(v.encode("utf-8", "replace").decode("utf-8") if isinstance(v, str) else v
+                 for v in _raw_row(item))
+
+
+def _raw_row(item: DescribedFile) -> tuple[object, ...]:
     c, m = item.candidate, item.metadata
     stem = c.file_name.rsplit(".", 1)[0]
     if m is None:

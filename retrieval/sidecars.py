@@ -7,12 +7,12 @@ offending field so the library can show it (``details().problems``).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from ..files.json_text import parse_json
 from .metadata import AdapterFacts, clean_text, normalise_sha256, split_words
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def _read_json(path: str) -> dict:
         raw = fh.read(MAX_SIDECAR_BYTES + 1)
     if len(raw) > MAX_SIDECAR_BYTES:
         raise ValueError(f"{path}: sidecar larger than {MAX_SIDECAR_BYTES} bytes")
-    try:
-        parsed = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    parsed = parse_json(raw.removeprefix(b"\xef\xbb\xbf"), path)
     if not isinstance(parsed, dict):
         raise ValueError(f"{path}: top level is a JSON {type(parsed).__name__}, expected an object")
     return parsed
@@ -173,4 +170,7 @@ def read_sidecars(directory: str, sidecars: SidecarSet) -> tuple[list[AdapterFac
             facts.append(SIDECAR_READERS[kind](os.path.join(directory, name)))
         except (OSError, ValueError) as exc:
             problems.append(str(exc))
+        except Exception as exc:  # a sidecar of an unexpected shape costs its facts, never the LoRA's row
+            logger.warning("sidecar %s: %s: %s", name, type(exc).__name__, exc)
+            problems.append(f"{name}: unreadable ({type(exc).__name__}: {exc})"[:300])
     return facts, problems

@@ -18,17 +18,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ...bounded_cache import BoundedCache, tensor_bytes
+from ...files.folders import OutsideFoldersError
 from ..adapter_gate import AdapterGate, parse_keyframes, schedule_samples
 from ..block_weights import BlockWeights, parse_block_weights
 from ..gates import INTERPOLATIONS, GateError, GateSchedule
 from ..learned_gate import LearnedGates, load_learned_gates
 from ..prompt_schedule import parse_prompt_schedule
+from .model_files import model_file
 
 logger = logging.getLogger(__name__)
 
 GATE_FOLDER = "loom_gates"
 PLOT_COLOURS = ((242, 142, 43), (78, 121, 167), (89, 161, 79), (225, 87, 89), (176, 122, 161), (237, 201, 72))
-_LEARNED: dict[tuple[str, float], LearnedGates] = {}
+_LEARNED: BoundedCache[tuple[str, int, int], LearnedGates] = BoundedCache(
+    "learned gates", max_entries=4, max_bytes=2 << 30, weigh=tensor_bytes)
 
 
 def _folder() -> None:
@@ -65,18 +69,21 @@ def schedule_gate(lora: str, keyframes: str, interpolation: str, blocks: str,
 
 def learned_gate(checkpoint: str, lora: str = "",
                  previous: Sequence[AdapterGate] | None = None) -> tuple[AdapterGate, ...]:
-    """``Loom Learned Gate``: a DiffSynth LoRA-fusion checkpoint from ``models/loom_gates`` (or a path)."""
+    """``Loom Learned Gate``: a DiffSynth LoRA-fusion checkpoint, by its name in ``models/loom_gates`` only
+    (absolute paths, ``..`` and links leading outside are refused before anything is opened)."""
     _folder()
-    path = checkpoint if os.path.isfile(checkpoint) else folder_paths.get_full_path(GATE_FOLDER, checkpoint)
-    if path is None:
-        raise GateError(f"learned gate checkpoint {checkpoint!r} is not in {folder_paths.get_folder_paths(GATE_FOLDER)}")
-    key = (os.path.abspath(path), os.path.getmtime(path))
+    try:
+        path = model_file(GATE_FOLDER, checkpoint)
+    except (OutsideFoldersError, FileNotFoundError) as exc:
+        raise GateError(f"Loom Learned Gate: {exc}") from None
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     gates = _LEARNED.get(key)
     if gates is None:
         gates = load_learned_gates(path)
         for parameter in gates.parameters():
             parameter.requires_grad_(False)
-        _LEARNED[key] = gates
+        _LEARNED.put(key, gates)
     return _chain(previous, AdapterGate(lora=lora.strip(), learned=gates, learned_source=os.path.basename(path)))
 
 

@@ -15,8 +15,8 @@ import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
 from ..adapters import Adapter, AdapterSet, merged_delta
-from ..block_weights import BlockWeights, block_of_module, parse_block_weights
-from ..stack import StackEntry
+from ..block_weights import BlockWeights, BlockWeightsError, block_of_module, parse_block_weights
+from ..stack import StackEntry, StackError
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,11 @@ def apply_merged(model, clip, entries: list[StackEntry]) -> MergedResult:
     skipped_all: list[str] = []
     for entry in entries:
         row = entry.row
-        blocks = parse_block_weights(row.blocks, depth, depth_single) if row.blocks.strip() \
-            else BlockWeights.uniform(1.0, depth, depth_single)
+        try:
+            blocks = parse_block_weights(row.blocks, depth, depth_single) if row.blocks.strip() \
+                else BlockWeights.uniform(1.0, depth, depth_single)
+        except BlockWeightsError as err:
+            raise StackError(f"stack row {row.lora!r}: field 'blocks': {err}") from None
         for strength, patches in model_patches(entry.adapter_set, model_shapes, row.strength, blocks).items():
             added = model.add_patches(patches, strength)
             missing = set(patches) - set(added)

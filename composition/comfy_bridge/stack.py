@@ -34,13 +34,14 @@ class StackResult:
 
 
 def load_entries(rows: list[StackRow], resolve: Resolver) -> list[StackEntry]:
-    """Resolve and parse every enabled row (disabled rows are not even opened)."""
+    """Resolve and parse every enabled row (disabled rows are not even opened); a row pinned by sha256 is
+    loaded only if the file's content, hashed as it is opened, still has that hash."""
     entries = []
     for row in rows:
         if not row.on:
             continue
         path = resolve(row.lora, row.sha256)
-        adapter_set = load_adapter_set(path)
+        adapter_set = load_adapter_set(path, sha256=row.sha256)
         entries.append(StackEntry(row=row, adapter_set=adapter_set, path=path,
                                   trigger_words=trigger_words(dict(adapter_set.metadata))))
     return entries

@@ -59,9 +59,9 @@ def test_same_file_is_parsed_once(lora_file: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_read_header_reads_metadata_and_index(lora_file: Path) -> None:
-    metadata, tensors = read_header(lora_file)
-    assert metadata == {"ss_network_dim": "4"}
-    entry = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    header = read_header(lora_file)
+    assert header.metadata == {"ss_network_dim": "4"} and header.path == str(lora_file)
+    entry = header.tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
     assert entry.dtype == "F32" and entry.shape == (3 * DIMS.hidden, 4)
     assert entry.end - entry.begin == 3 * DIMS.hidden * 4 * 4
 
