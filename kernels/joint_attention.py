@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..bounded_cache import BoundedCache, tensor_bytes
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 8
+CACHE_BYTES = 512 << 20
 
 
 class AttentionRulesError(ValueError):
@@ -62,40 +64,17 @@ def rules_fingerprint(labels: torch.Tensor, allowed: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-class _Lru:
-    """A tiny least-recently-used dict; the key is (rules fingerprint, L, device). Every instance is registered
-    so :func:`clear_caches` drops them all (the Triton path's layouts too)."""
-
-    def __init__(self, entries: int) -> None:
-        self.entries = entries
-        self.items: OrderedDict[tuple[str, int, str], object] = OrderedDict()
-        _ALL_CACHES.append(self)
-
-    def get(self, key: tuple[str, int, str]) -> object | None:
-        value = self.items.get(key)
-        if value is not None:
-            self.items.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[str, int, str], value: object) -> None:
-        self.items[key] = value
-        self.items.move_to_end(key)
-        while len(self.items) > self.entries:
-            self.items.popitem(last=False)
-
-    def clear(self) -> None:
-        self.items.clear()
-
-
-_ALL_CACHES: list[_Lru] = []
-_DENSE_MASKS = _Lru(CACHE_ENTRIES)
-_LAYOUTS = _Lru(CACHE_ENTRIES)
+_DENSE_MASKS: BoundedCache[tuple[str, int, str], torch.Tensor] = BoundedCache(
+    "dense joint-attention masks", max_entries=CACHE_ENTRIES, max_bytes=CACHE_BYTES, weigh=tensor_bytes)
+_LAYOUTS: BoundedCache[tuple[str, int, str], GroupedLayout] = BoundedCache(
+    "grouped joint-attention layouts", max_entries=CACHE_ENTRIES, max_bytes=CACHE_BYTES, weigh=tensor_bytes)
+LAYOUT_CACHES: list[BoundedCache] = [_DENSE_MASKS, _LAYOUTS]  # the Triton path appends its layouts
 
 
 def clear_caches() -> None:
     """Drop every cached dense mask and grouped layout, the Triton kernel's included (e.g. when a model patcher
     is discarded)."""
-    for cache in _ALL_CACHES:
+    for cache in LAYOUT_CACHES:
         cache.clear()
 
 

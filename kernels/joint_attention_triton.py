@@ -25,11 +25,13 @@ from typing import Any
 
 import torch
 
+from ..bounded_cache import BoundedCache, tensor_bytes
 from .joint_attention import (
+    CACHE_BYTES,
     CACHE_ENTRIES,
+    LAYOUT_CACHES,
     AttentionRulesError,
     GroupedLayout,
-    _Lru,
     attention_grouped,
     resolve_allowed,
     rules_fingerprint,
@@ -131,7 +133,9 @@ class TritonLayout:
         return int(self.order.shape[0])
 
 
-_TRITON_LAYOUTS = _Lru(CACHE_ENTRIES)
+_TRITON_LAYOUTS: BoundedCache[tuple[str, int, str], TritonLayout] = BoundedCache(
+    "triton joint-attention layouts", max_entries=CACHE_ENTRIES, max_bytes=CACHE_BYTES, weigh=tensor_bytes)
+LAYOUT_CACHES.append(_TRITON_LAYOUTS)
 
 
 def triton_layout(labels: torch.Tensor, allowed: torch.Tensor, device: torch.device | str | None = None,

@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..bounded_cache import BoundedCache
 from ..files.folders import OutsideFoldersError, confine
 from .scan import ProgressCallback, ScanError, ScanReport, scan_roots, sha256_of
 from .search import (Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fuse, hits_from_rows, query_terms,
@@ -120,8 +120,8 @@ class Library:
                              "text encoder it was trained against")
         self.hash_files = hash_files
         self._pool = ConnectionPool(self.db_path)
-        self._cache: dict[tuple[str, str], tuple[int, VectorMatrix]] = {}
-        self._lock = threading.Lock()
+        self._cache: BoundedCache[tuple[str, str], tuple[int, VectorMatrix]] = BoundedCache(
+            "library vectors", max_entries=8, max_bytes=1 << 30, weigh=lambda item: item[1].matrix.nbytes)
         self._pool.get()
 
     # ----------------------------------------------------------------------------------------------- scan
@@ -167,13 +167,11 @@ class Library:
     def _matrix(self, kind: str, model: str) -> VectorMatrix:
         conn = self._pool.get()
         gen = generation(conn)
-        with self._lock:
-            cached = self._cache.get((kind, model))
-            if cached is not None and cached[0] == gen:
-                return cached[1]
+        cached = self._cache.get((kind, model))
+        if cached is not None and cached[0] == gen:
+            return cached[1]
         matrix = load_vectors(conn, kind, model, self.roots)
-        with self._lock:
-            self._cache[(kind, model)] = (gen, matrix)
+        self._cache.put((kind, model), (gen, matrix))
         return matrix
 
     # --------------------------------------------------------------------------------------------- search

@@ -26,11 +26,11 @@ import logging
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
 
+from ..bounded_cache import BoundedCache, tensor_bytes
 from .factors import FluxLayout, LowRankFactors
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,19 @@ class SignatureConfig:
                 f"w{self.spectrum_weight}:seed{self.seed}")
 
 
-@lru_cache(maxsize=1024)
+_GAUSSIANS: BoundedCache[tuple[str, int, int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = BoundedCache(
+    "weight-signature projections", max_bytes=256 << 20, weigh=tensor_bytes)
+
+
 def _gaussians(name: str, d_in: int, d_out: int, rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded ``G_out [rows, d_out]`` and ``G_in [d_in, cols]`` for one layer (same on every machine)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    g_out = torch.randn(rows, d_out, generator=gen) / rows ** 0.5
-    g_in = torch.randn(d_in, cols, generator=gen) / cols ** 0.5
-    return g_out, g_in
+    """Seeded ``G_out [rows, d_out]`` and ``G_in [d_in, cols]`` for one layer (same on every machine; cached)."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        g_out = torch.randn(rows, d_out, generator=gen) / rows ** 0.5
+        g_in = torch.randn(d_in, cols, generator=gen) / cols ** 0.5
+        return g_out, g_in
+
+    return _GAUSSIANS.get_or_put((name, d_in, d_out, rows, cols, seed), make)
 
 
 def singular_values(factors: LowRankFactors, k: int) -> torch.Tensor:
