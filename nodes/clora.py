@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..composition.clora import MORPHOLOGY, CLoraOptions
 from ..composition.comfy_bridge.clora import CLoraConcept, clora
 from ..composition.comfy_bridge.clora_masks import clora_masks
+from .checks import LoomNode
 from .regions import LoomRegions
 from .types import LoomAdapters
 
@@ -13,7 +14,7 @@ LoomCLoraConcepts = io.Custom("LOOM_CLORA_CONCEPTS")  # tuple[CLoraConcept, ...]
 LoomCLoraHandle = io.Custom("LOOM_CLORA")             # the live CLoraComposition (masks of the latest run)
 
 
-class LoomCLoraConcept(io.ComfyNode):
+class LoomCLoraConcept(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -44,7 +45,7 @@ class LoomCLoraConcept(io.ComfyNode):
         return io.NodeOutput(tuple(concepts or ()) + (item,))
 
 
-class LoomCLora(io.ComfyNode):
+class LoomCLora(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         d = CLoraOptions()
@@ -95,7 +96,7 @@ class LoomCLora(io.ComfyNode):
         return io.NodeOutput(result.model, result.conditioning, result.composition)
 
 
-class LoomCLoraMasks(io.ComfyNode):
+class LoomCLoraMasks(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

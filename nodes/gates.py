@@ -15,6 +15,7 @@ from ..composition.comfy_bridge.gate_nodes import (
     schedule_gate,
 )
 from ..composition.gates import INTERPOLATIONS
+from .checks import LoomNode
 
 LoomGate = io.Custom("LOOM_GATE")  # tuple[AdapterGate, ...]: gates for Loom LoRA Stack rows, by LoRA name
 
@@ -23,7 +24,7 @@ BLOCKS_HELP = ("block weights of the gate for Flux's 19 double + 38 single block
                "(double1-7=1,single=0.5) or 58-value vector; empty = every block")
 
 
-class LoomGateSchedule(io.ComfyNode):
+class LoomGateSchedule(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -54,7 +55,7 @@ class LoomGateSchedule(io.ComfyNode):
         return io.NodeOutput(result, image, ui=ui.PreviewImage(image, cls=cls))
 
 
-class LoomLearnedGate(io.ComfyNode):
+class LoomLearnedGate(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -77,7 +78,7 @@ class LoomLearnedGate(io.ComfyNode):
         return io.NodeOutput(learned_gate(checkpoint, lora, gates))
 
 
-class LoomPromptSchedule(io.ComfyNode):
+class LoomPromptSchedule(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -4,10 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..retrieval.comfy_bridge import pick_adapters
+from .checks import LoomNode
 from .types import LoomAdapters, LoraStack
 
 
-class LoomLibrarySearch(io.ComfyNode):
+class LoomLibrarySearch(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

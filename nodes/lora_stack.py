@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..composition.comfy_bridge.stack import STACK_MODES, apply_stack
 from ..retrieval.comfy_bridge import resolve_lora
+from .checks import LoomNode
 from .gates import LoomGate
 from .types import LoomAdapters, LoraStack
 
@@ -16,7 +17,7 @@ MODE_HELP = ("auto: merged, or gated when a gate is connected. merged: weights p
              "row per step in turn. composite: LoRA Composite, one pass per row averaged (N x slower; a baseline)")
 
 
-class LoomLoraStack(io.ComfyNode):
+class LoomLoraStack(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

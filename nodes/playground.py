@@ -11,11 +11,12 @@ from comfy_api.latest import io
 
 from ..playground import latent
 from ..playground.model import load_playground
+from .checks import LoomNode
 
 MAX_SIZE = 512
 
 
-class LoomPlaygroundModel(io.ComfyNode):
+class LoomPlaygroundModel(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -35,7 +36,7 @@ class LoomPlaygroundModel(io.ComfyNode):
         return io.NodeOutput(loaded.patcher, loaded.clip)
 
 
-class LoomPlaygroundLatent(io.ComfyNode):
+class LoomPlaygroundLatent(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -56,7 +57,7 @@ class LoomPlaygroundLatent(io.ComfyNode):
         return io.NodeOutput({"samples": latent.empty(batch_size, width, height)})
 
 
-class LoomPlaygroundDecode(io.ComfyNode):
+class LoomPlaygroundDecode(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -73,7 +74,7 @@ class LoomPlaygroundDecode(io.ComfyNode):
         return io.NodeOutput(latent.decode(samples["samples"]))
 
 
-class LoomPlaygroundEncode(io.ComfyNode):
+class LoomPlaygroundEncode(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

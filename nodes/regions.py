@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..composition.comfy_bridge.region_preview import combine_regions, make_region, preview_image
 from ..composition.comfy_bridge.regional import ComposeOptions, compose, parse_rule_blocks
 from ..composition.plan import BACKGROUND_MODES
+from .checks import LoomNode
 from .types import LoomAdapters
 
 LoomRegions = io.Custom("LOOM_REGIONS")  # tuple[ComposedRegion, ...]
@@ -17,7 +18,7 @@ def _box_input(name: str, default: float) -> io.Float.Input:
                           tooltip="box edge as a fraction of the canvas (0 = left/top, 1 = right/bottom)")
 
 
-class LoomRegion(io.ComfyNode):
+class LoomRegion(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -45,7 +46,7 @@ class LoomRegion(io.ComfyNode):
         return io.NodeOutput(make_region(prompt, (x0, y0, x1, y1), mask, tuple(adapters or ()), isolate, regions))
 
 
-class LoomRegionsCombine(io.ComfyNode):
+class LoomRegionsCombine(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -62,7 +63,7 @@ class LoomRegionsCombine(io.ComfyNode):
         return io.NodeOutput(combine_regions(*(groups.get(f"regions_{i}") for i in range(1, COMBINE_INPUTS + 1))))
 
 
-class LoomCompose(io.ComfyNode):
+class LoomCompose(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -120,7 +121,7 @@ class LoomCompose(io.ComfyNode):
         return io.NodeOutput(result.model, result.conditioning)
 
 
-class LoomRegionPreview(io.ComfyNode):
+class LoomRegionPreview(LoomNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -26,10 +26,10 @@ from ..composition.comfy_bridge.model_files import confined_model_path
 from ..files.folders import OutsideFoldersError, relative_name
 from ..retrieval.comfy_bridge import (
     PROGRESS_EVENT,
-    RESCANS,
     ScanBusy,
     ensure_scanned,
     lora_file,
+    request_rescan,
     scan_library,
     send_ui_event,
     server_library,
@@ -152,7 +152,7 @@ def resolve(query: dict[str, str]) -> dict[str, Any]:
     library = server_library(plain=True)
     try:
         found = library.resolve(name or None, sha256 or None)
-        if found is None and sha256 and RESCANS.request(RESOLVE_WAIT_S):  # one shared, throttled rescan
+        if found is None and sha256 and request_rescan(RESOLVE_WAIT_S):  # one shared, throttled rescan
             found = library.resolve(name or None, sha256)
         confined = confined_model_path("loras", found) if found is not None else None
     except (OutsideFoldersError, OSError):

@@ -272,7 +272,13 @@ def _rescan_plain_library() -> None:
     scan_library(server_library(plain=True))
 
 
-RESCANS = RescanScheduler(_rescan_plain_library)
+_RESCANS = RescanScheduler(_rescan_plain_library)
+
+
+def request_rescan(wait: float | None = 0.0) -> bool:
+    """Ask for the shared background rescan of the loras folders (see :class:`.rescan.RescanScheduler`);
+    ``True`` when one finished within ``wait`` seconds, so a second lookup is worth it."""
+    return _RESCANS.request(wait)
 
 
 def find_by_hash(sha256: str, name: str | None = None, wait: float | None = None) -> str | None:
@@ -283,7 +289,7 @@ def find_by_hash(sha256: str, name: str | None = None, wait: float | None = None
     library = server_library(plain=True)
     base = os.path.basename((name or "").replace("\\", "/")) or None
     found = library.resolve(base, sha256)
-    if found is None and RESCANS.request(wait):
+    if found is None and request_rescan(wait):
         found = library.resolve(base, sha256)
     if found is None:
         return None

@@ -16,6 +16,7 @@ import torch
 from lora_loom.composition.loading import file_sha256
 from lora_loom.retrieval import comfy_bridge as bridge
 from lora_loom.retrieval.clip_text_encoder import ComfyClipTextEncoder
+from lora_loom.retrieval.rescan import RescanScheduler
 from lora_loom.retrieval.text_encoders import HashedTextEncoder
 from lora_loom.retrieval.weight_encoder import (
     WeightEncoder,
@@ -91,7 +92,9 @@ def test_trained_weight_encoder_is_used_only_for_its_text_space(user_folder: Pat
     assert library.db_path.startswith(folder_paths.get_user_directory())
 
 
-def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tmp_path: Path) -> None:
+def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bridge, "_RESCANS", RescanScheduler(bridge._rescan_plain_library, min_interval=600))
     original = factory.save_lora(loras / "portrait.safetensors")
     sha = file_sha256(original)
     bridge.scan_library(bridge.server_library(plain=True))
@@ -101,6 +104,7 @@ def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tm
     renamed.parent.mkdir()
     original.rename(renamed)
     assert bridge.resolve_lora("portrait.safetensors", sha) == str(renamed)  # not indexed yet: scans, finds
+    assert bridge._RESCANS.started == 1
 
     impostor = factory.save_lora(loras / "portrait.safetensors",
                                  {"lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(3.0)})
@@ -114,7 +118,7 @@ def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tm
     impostor.unlink()
     with pytest.raises(FileNotFoundError, match=sha):
         bridge.resolve_lora("portrait.safetensors", sha)
-    assert bridge.resolve_lora is not None and not bridge.inside_roots(str(outside))
+    assert bridge._RESCANS.started == 1  # the lookups right after shared the one throttled rescan
 
 
 def test_pick_adapters_loads_hits_with_sha256_and_says_why(loras: Path, clip_encoder: ComfyClipTextEncoder) -> None:
