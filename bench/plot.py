@@ -13,6 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..files.writing import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 PALETTE = {"base": (150, 150, 150), "merged": (90, 90, 90), "regional": (31, 119, 180), "regional_noblend": (23, 190, 207),
@@ -66,7 +68,8 @@ def plot_rows(rows: Sequence[Any], path: Path, title: str = "step time / merged-
         draw.rectangle([width - 150, y, width - 140, y + 10], fill=PALETTE.get(method, (0, 0, 0)))
         draw.text((width - 134, y - 1), method, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    with replaced_atomically(path) as temporary:
+        image.save(temporary, format="PNG")
     return path
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..files.writing import replaced_atomically
+
 logger = logging.getLogger(__name__)
 
 COLUMNS = (("resolution", "res", "{:d}"), ("adapters", "A", "{:d}"), ("regions", "R", "{:d}"),
@@ -72,7 +74,7 @@ def write_csv(rows: Sequence[Any], path: Path) -> Path:
     if not rows:
         raise ValueError(f"{path}: no rows to write")
     names = [f.name for f in fields(rows[0])] + ["efficiency"]
-    with path.open("w", newline="") as handle:
+    with replaced_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for r in rows:

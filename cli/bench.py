@@ -8,6 +8,8 @@ import logging
 import sys
 from dataclasses import asdict
 
+from .arguments import SEED_MAX, int_in
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,10 +26,11 @@ def run_library(args: argparse.Namespace) -> int:
 
 def register_library(group: argparse._SubParsersAction) -> None:
     p = group.add_parser("library", help="index N generated LoRA files; scan rate, rescan time, search latency")
-    p.add_argument("--count", type=int, default=10_000, help="files to generate (default 10000)")
-    p.add_argument("--queries", type=int, default=200, help="search queries timed per mode (default 200)")
+    p.add_argument("--count", type=int_in(1, 10_000_000), default=10_000, help="files to generate (default 10000)")
+    p.add_argument("--queries", type=int_in(1, 1_000_000), default=200,
+                   help="search queries timed per mode (default 200)")
     p.add_argument("--folder", help="generate the files here instead of a temporary folder")
-    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="generator seed")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is not met")
     p.set_defaults(run=run_library)

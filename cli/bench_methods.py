@@ -7,11 +7,12 @@ import json
 import tempfile
 from dataclasses import asdict
 
+from .arguments import int_in
 from .comfy_env import find_comfyui, import_comfy
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
+    return tuple(int_in(1, 1024)(v) for v in text.split(",") if v.strip())
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -77,10 +78,11 @@ def run_clora(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser, adapters: str) -> None:
     p.add_argument("--adapters", type=_ints, default=_ints(adapters), help=f"adapter counts (default {adapters})")
-    p.add_argument("--latent", type=int, default=32, help="latent side (default 32, i.e. a 256² image)")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats per cell; medians are reported (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--latent", type=int_in(2, 1024), default=32, help="latent side (default 32, i.e. a 256² image)")
+    p.add_argument("--rank", type=int_in(1, 4096), default=16, help="LoRA rank (default 16)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3,
+                   help="repeats per cell; medians are reported (default 3)")
+    p.add_argument("--threads", type=int_in(0, 1024), default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
 

@@ -11,16 +11,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..files.writing import OutputFileError, check_output
+from .arguments import add_force, int_in
+
 logger = logging.getLogger(__name__)
 
 FULL_SWEEP = dict(adapters=(1, 2, 4, 8, 16), regions=(1, 2, 3, 4), resolutions=(512, 768, 1024))
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected integers like '1,2,4', got {text!r}") from exc
+    return tuple(int_in(1, 65_536)(v) for v in text.replace(",", " ").split())
 
 
 def _region_tokens(text: str) -> int:
@@ -49,6 +49,13 @@ def run_perf_command(args: argparse.Namespace) -> int:
 
     from .comfy_env import find_comfyui, import_comfy
 
+    try:  # before the long run, not after it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for name in ("perf.csv", "perf.png"):
+            check_output(Path(args.out) / name, force=args.force, flag="--out")
+    except (OutputFileError, OSError) as exc:
+        sys.stderr.write(f"loom bench perf: {exc}\n")
+        return 2
     on_gpu = torch.cuda.is_available() and not args.cpu
     import_comfy(find_comfyui(args.comfyui), cpu=not on_gpu, base_directory=tempfile.mkdtemp(prefix="loom-perf-"))
 
@@ -74,7 +81,7 @@ def run_perf_command(args: argparse.Namespace) -> int:
     sys.stdout.write(format_table(rows, title) + "\n")
     sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
     out = Path(args.out)
-    write_csv(rows, out / "perf.csv")
+    write_csv(rows, out / "perf.csv")  # both checked before the run (see _check_outputs)
     plot_rows(rows, out / "perf.png")
     sys.stdout.write(f"wrote {out / 'perf.csv'} and {out / 'perf.png'}\n")
     missed = [g for g in check_goals(rows, on_gpu) if g.met is False]
@@ -92,19 +99,21 @@ def register_perf(group: argparse._SubParsersAction) -> None:
     p.add_argument("--resolutions", type=_ints, help="square image sizes in pixels (default 256; --full: 512,768,1024)")
     p.add_argument("--full", action="store_true", help="the issue's full sweep")
     p.add_argument("--methods", nargs="+", help="subset of methods to run")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--prompt-tokens", type=int, default=77, help="text tokens per prompt (default 77, CLIP-L)")
+    p.add_argument("--rank", type=int_in(1, 4096), default=16, help="LoRA rank (default 16)")
+    p.add_argument("--prompt-tokens", type=int_in(1, 4096), default=77,
+                   help="text tokens per prompt (default 77, CLIP-L)")
     p.add_argument("--region-tokens", type=_region_tokens, default=12, metavar="N|full",
                    help="text tokens of each region prompt of Loom's regional method (default 12: a few-word CLIP-L "
                         "region prompt once Loom Compose trims its padding; 0 or 'full' = --prompt-tokens, "
                         "untrimmed); the peers (hooks, CLoRA, dense_per_head) always use --prompt-tokens")
-    p.add_argument("--steps", type=int, default=4, help="sampler steps per method and repeat (default 4)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per cell (default 3)")
+    p.add_argument("--steps", type=int_in(1, 1000), default=4, help="sampler steps per method and repeat (default 4)")
+    p.add_argument("--repeats", type=int_in(1, 1000), default=3, help="interleaved repeats per cell (default 3)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_in(0, 1024), default=0, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     p.add_argument("--out", default="bench-perf", help="folder for perf.csv and perf.png (default ./bench-perf)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    add_force(p, "perf.csv / perf.png in --out")
     p.set_defaults(run=run_perf_command)

@@ -17,6 +17,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..files.writing import OutputFileError, check_output, replaced_atomically
+from .arguments import SEED_MAX, add_force, float_in, int_in
+
 if TYPE_CHECKING:
     from ..bench.quality import QualityRow
 
@@ -63,7 +66,7 @@ def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
     """One line per method with every field of the row."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f.name for f in fields(rows[0])] if rows else []
-    with path.open("w", newline="") as handle:
+    with replaced_atomically(path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for row in rows:
@@ -73,6 +76,15 @@ def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
 
 def run_quality_command(args: argparse.Namespace) -> int:
     from .comfy_env import find_comfyui, import_comfy
+
+    try:  # before the long run, not after it
+        for flag in ("csv", "grid"):
+            if getattr(args, flag):
+                Path(getattr(args, flag)).parent.mkdir(parents=True, exist_ok=True)
+                check_output(getattr(args, flag), force=args.force, flag=f"--{flag}")
+    except OutputFileError as exc:
+        sys.stderr.write(f"loom bench quality: {exc}\n")
+        return 2
 
     import_comfy(find_comfyui(args.comfyui), cpu=True, base_directory=tempfile.mkdtemp(prefix="loom-quality-"))
     import torch
@@ -106,7 +118,8 @@ def run_quality_command(args: argparse.Namespace) -> int:
         written.append(write_quality_csv(rows, Path(args.csv)))
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        grid_image(report).save(args.grid)
+        with replaced_atomically(args.grid) as temporary:
+            grid_image(report).save(temporary, format="PNG")
         written.append(Path(args.grid))
     if written and not args.json:
         sys.stdout.write(f"wrote {' and '.join(str(p) for p in written)}\n")
@@ -120,13 +133,14 @@ def register_quality(group: argparse._SubParsersAction) -> None:
     """Add ``quality`` to the ``loom bench`` group."""
     p = group.add_parser("quality", help="composition quality on the playground world, scored by its exact "
                                          "detector: presence, vanishing, confusion, leakage per method")
-    p.add_argument("--seeds", type=int, default=4, help="seeds per case (default 4)")
-    p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument("--seeds", type=int_in(1, 10_000), default=4, help="seeds per case (default 4)")
+    p.add_argument("--first-seed", type=int_in(0, SEED_MAX), default=0, help="first seed (default 0)")
+    p.add_argument("--steps", type=int_in(1, 10_000), default=20, help="sampler steps (default 20)")
+    p.add_argument("--cfg", type=float_in(0.0, 100.0), default=3.0, help="classifier-free guidance scale (default 3.0)")
     p.add_argument("--cases", type=_names, help="subset of cases by name, e.g. 'star-ring,ring-star' (default all)")
     p.add_argument("--methods", type=_names, help="subset of methods, e.g. 'base,merged,regional' (default all)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int_in(0, 1024), default=0, help="torch CPU threads (default: torch's)")
+    add_force(p, "--csv / --grid files")
     p.add_argument("--grid", help="save the first seed's images (cases x methods) as this PNG")
     p.add_argument("--csv", help="write the rows to this CSV file")
     p.add_argument("--json", action="store_true", help="print the config and rows as JSON")

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from ..retrieval.explain import (
 )
 from ..retrieval.library import Library
 from ..retrieval.search import SearchFilters
+from ..retrieval.store import LibraryError
 from ..retrieval.text_encoders import (
     HashedTextEncoder,
     OpenClipTextEncoder,
@@ -32,6 +34,7 @@ from ..retrieval.text_encoders import (
 )
 from ..retrieval.weight_encoder import WeightEncoder, load_weight_encoder
 from ..retrieval.weight_vectors import SignatureSpace
+from .arguments import int_in
 from .comfy_env import ComfyNotFound, find_comfyui, import_comfy
 from .library_train import add_train_arguments, train
 
@@ -183,8 +186,13 @@ def _guard(run):
     def guarded(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (LibraryCliError, ValueError, KeyError, FileNotFoundError) as exc:
+        except (LibraryCliError, ValueError, KeyError, OSError, LibraryError) as exc:
             sys.stderr.write(f"loom library {args.library_command}: error: {exc}\n")
+            return 1
+        except sqlite3.DatabaseError as exc:
+            where = getattr(args, "db", None) or "the index"
+            sys.stderr.write(f"loom library {args.library_command}: error: {where} is not a usable LoRA Loom index "
+                             f"({exc}); pass another --db file\n")
             return 1
 
     return guarded
@@ -211,7 +219,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     scan.set_defaults(run=_guard(run_scan))
     search = sub.add_parser("search", parents=[common], help="find LoRAs by prompt")
     search.add_argument("query", nargs="?", default="", help="prompt (empty: list by name)")
-    search.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    search.add_argument("-k", type=int_in(1, 1000), default=10, help="number of hits (default 10)")
     search.add_argument("--base-model", help="only this base model family, e.g. 'flux dev'")
     search.add_argument("--folder", help="only under this folder of a root")
     search.add_argument("--include", help="comma-separated tags every hit must have")

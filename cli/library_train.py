@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files.writing import check_output
 from ..retrieval.factors import FluxLayout, LowRankFactors, read_factors
 from ..retrieval.text_encoders import adapter_caption
 from ..retrieval.weight_encoder import (
@@ -23,6 +24,8 @@ from ..retrieval.weight_encoder import (
     save_weight_encoder,
     train_weight_encoder,
 )
+
+from .arguments import SEED_MAX, add_force, float_in, int_in
 
 if TYPE_CHECKING:
     from .library import LibrarySetup
@@ -33,14 +36,17 @@ MIN_ADAPTERS = 4
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the library (default 30)")
-    parser.add_argument("--batch-size", type=int, default=16, help="adapters per step (default 16)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="InfoNCE temperature (default 0.07)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed")
-    parser.add_argument("--hidden", type=int, default=3072, help="Flux hidden size (default 3072, Flux.1)")
-    parser.add_argument("--double-blocks", type=int, default=19, help="Flux double blocks (default 19)")
-    parser.add_argument("--single-blocks", type=int, default=38, help="Flux single blocks (default 38)")
+    parser.add_argument("--epochs", type=int_in(1, 100_000), default=30, help="passes over the library (default 30)")
+    parser.add_argument("--batch-size", type=int_in(2, 65_536), default=16, help="adapters per step (default 16)")
+    parser.add_argument("--learning-rate", type=float_in(0.0, 10.0, open_low=True), default=1e-3,
+                        help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--temperature", type=float_in(1e-4, 100.0), default=0.07,
+                        help="InfoNCE temperature (default 0.07)")
+    parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="shuffling and initialisation seed")
+    parser.add_argument("--hidden", type=int_in(1, 65_536), default=3072, help="Flux hidden size (default 3072, Flux.1)")
+    parser.add_argument("--double-blocks", type=int_in(0, 1000), default=19, help="Flux double blocks (default 19)")
+    parser.add_argument("--single-blocks", type=int_in(0, 1000), default=38, help="Flux single blocks (default 38)")
+    add_force(parser, "weight-encoder checkpoint")
     parser.add_argument("--no-index", action="store_true", help="do not compute weight vectors after training")
 
 
@@ -96,6 +102,8 @@ def train(setup: LibrarySetup, args: argparse.Namespace) -> dict[str, Any]:
     """Train, checkpoint every epoch, index the weight vectors; returns a summary for printing."""
     from tqdm import tqdm
 
+    for suffix in (".json", ".safetensors"):  # refuse to replace a trained encoder unless asked to
+        check_output(setup.encoder_stem + suffix, force=args.force, flag="weight encoder")
     torch.manual_seed(args.seed)
     layout = FluxLayout(hidden=args.hidden, double_blocks=args.double_blocks, single_blocks=args.single_blocks)
     factors, captions, skipped = training_set(setup, layout)

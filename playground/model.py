@@ -28,6 +28,7 @@ import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
 
+from ..files.writing import replaced_atomically
 from . import latent, text
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,8 @@ def save_playground(path: Path, diffusion_state: dict[str, torch.Tensor], tables
                 META_PREDICTION: PREDICTION,
                 "modelspec.title": "LoRA Loom playground Flux", "modelspec.architecture": "flux-1-dev/playground"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with replaced_atomically(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
 
 
 def read_playground(path: Path = MODEL_FILE) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..cli.arguments import add_force, int_in
+from ..files.writing import OutputFileError, check_output, replaced_atomically
 from . import latent, text, world
 from .detector import detect
 
@@ -246,11 +248,12 @@ def train_concept(flux: torch.nn.Module, concept: world.Concept, settings: Train
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training options, shared by ``python -m lora_loom.playground.train`` and ``loom playground train``."""
     parser.add_argument("--out", type=Path, default=None, help="folder for the files (default: playground/weights)")
-    parser.add_argument("--base-steps", type=int, default=TrainingSettings.base_steps)
-    parser.add_argument("--lora-steps", type=int, default=TrainingSettings.lora_steps)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--base-steps", type=int_in(1, 10_000_000), default=TrainingSettings.base_steps)
+    parser.add_argument("--lora-steps", type=int_in(1, 10_000_000), default=TrainingSettings.lora_steps)
+    parser.add_argument("--threads", type=int_in(1, 1024), default=1,
                         help="torch CPU threads (1 is robust on a shared machine; 2 is faster on 2 idle cores)")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: found like `loom doctor`)")
+    add_force(parser, "weights in --out")
     parser.set_defaults(run=run)
 
 
@@ -280,6 +283,15 @@ def run(args: argparse.Namespace) -> int:
     from . import model as playground_model  # needs ComfyUI importable
 
     out = args.out or playground_model.WEIGHTS_DIR
+    outputs = [out / playground_model.MODEL_FILE.name,
+               *(out / "loras" / f"playground_{c.name}.safetensors" for c in world.CONCEPTS)]
+    try:  # before ~40 minutes of training, not after
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_output(path, force=args.force)
+    except OutputFileError as exc:
+        logger.error("%s", exc)
+        return 2
     settings = TrainingSettings(base_steps=args.base_steps, lora_steps=args.lora_steps)
     tables = text.text_tables(settings.seed)
     encoder = text.PlaygroundTextEncoder(tables)
@@ -299,8 +311,8 @@ def run(args: argparse.Namespace) -> int:
         after = evaluate(flux, encoder, concept.value)
         hooks.remove()
         path = out / "loras" / f"playground_{concept.name}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata=lora_metadata(concept, settings, trigger_count))
+        with replaced_atomically(path) as temporary:
+            save_file(state, temporary, metadata=lora_metadata(concept, settings, trigger_count))
         logger.info("concept %s: accuracy without LoRA %.2f, with LoRA %.2f -> %s", concept.name, before, after, path)
     logger.info("done in %.1f min; files under %s", (time.time() - started) / 60, out)
     return 0

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files.writing import replaced_atomically
 from .factors import FluxLayout, LowRankFactors
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,10 @@ def save_weight_encoder(encoder: WeightEncoder, stem: str | os.PathLike[str]) ->
     stem = os.fspath(stem)
     weights, config = stem + ".safetensors", stem + ".json"
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, weights,
-              metadata={"format": "lora-loom-weight-encoder-v1"})
-    with open(config, "w", encoding="utf-8") as fh:
+    with replaced_atomically(weights) as temporary:
+        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, temporary,
+                  metadata={"format": "lora-loom-weight-encoder-v1"})
+    with replaced_atomically(config) as temporary, open(temporary, "w", encoding="utf-8") as fh:
         json.dump({"format": "lora-loom-weight-encoder-v1", **asdict(encoder.config)}, fh, indent=1)
     return weights, config
 
