@@ -157,8 +157,9 @@ def _metadata(shown: str, raw: object) -> dict[str, str]:
         raise HeaderError(shown, f"field {METADATA_KEY!r} is a {type(raw).__name__}, not an object of strings")
     for key, value in raw.items():
         if not isinstance(value, str):
-            raise HeaderError(shown, f"field {METADATA_KEY!r} key {key[:80]!r} is a {type(value).__name__}, not a "
-                                     "string (safetensors metadata maps strings to strings)")
+            raise HeaderError(shown, f"field {METADATA_KEY!r} key {key[:80]!r} holds {str(value)[:40]} "
+                                     f"({type(value).__name__}), not a string (safetensors metadata maps strings "
+                                     "to strings)")
         _text(shown, key, f"field {METADATA_KEY!r} key")
         _text(shown, value, f"field {METADATA_KEY!r} value of {key[:80]!r}")
     return dict(raw)

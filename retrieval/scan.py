@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files.folders import inside
-from ..files.json_text import check_text
 from . import header as header_module
 from .header import ADAPTER_SUFFIXES, HeaderError, refusal_reason
 from .metadata import AdapterMetadata, facts_from_header, merge_facts, normalise_base_model
@@ -118,6 +117,14 @@ def walk_roots(roots: Sequence[str]) -> tuple[list[FileCandidate], list[ScanErro
     return found, problems
 
 
+def _check_name(name: str, what: str) -> None:
+    """Names the index can store: a name that is not UTF-8 reaches Python as lone surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8; rename it") from None
+
+
 def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, real_roots: Sequence[str],
            names: set[str], found: list[FileCandidate], stack: list[tuple[str, str]]) -> None:
     """One directory entry of :func:`walk_roots`: queue a folder, add a candidate file, or raise."""
@@ -127,14 +134,14 @@ def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, re
     if entry.is_dir():
         if entry.name.startswith("."):
             return
-        check_text(entry.name, "folder name")
+        _check_name(entry.name, "folder name")
         if escaped:
             raise ValueError(f"folder link points outside the library roots ({real}); not followed")
         stack.append((entry.path, real))
         return
     if Path(entry.name).suffix.lower() not in ADAPTER_SUFFIXES:
         return
-    check_text(entry.name, "file name")
+    _check_name(entry.name, "file name")
     if link and not escaped and not os.path.exists(real):
         raise OSError(errno.ENOENT, "the link points to nothing (dangling or a loop)")
     if not escaped and not entry.is_file():
