@@ -39,12 +39,14 @@ def register_library(group: argparse._SubParsersAction) -> None:
 from .bench_methods import register_methods  # noqa: E402  (loom bench compose | gates | clora)
 from .bench_perf import register_perf  # noqa: E402  (loom bench perf)
 from .bench_quality import register_quality  # noqa: E402  (loom bench quality)
+from .bench_soak import register_soak  # noqa: E402  (loom bench soak)
 
-BENCHMARKS = (register_library, register_methods, register_perf, register_quality)
+BENCHMARKS = (register_library, register_methods, register_perf, register_quality, register_soak)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("bench", help="benchmarks (loom bench library | compose | gates | clora | perf | quality)")
+    p = commands.add_parser("bench", help="benchmarks (loom bench library | compose | gates | clora | perf | quality "
+                                          "| soak)")
     group = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
     for add in BENCHMARKS:
         add(group)

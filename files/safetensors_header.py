@@ -177,7 +177,7 @@ def _entry(shown: str, name: str, raw: object, data_bytes: int) -> TensorEntry:
                                            f"missing field(s) {missing}" if missing else "") if part)
         raise HeaderError(shown, f"{where}: {what}")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise HeaderError(shown, f"{where} field 'dtype' is {str(dtype)[:40]!r}, not a safetensors dtype LoRA "
                                  f"Loom reads ({', '.join(DTYPE_BYTES)})")
     if not isinstance(shape, list) or not all(_natural(d) for d in shape):
