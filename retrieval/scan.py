@@ -136,7 +136,7 @@ def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, re
             return
         _check_name(entry.name, "folder name")
         if escaped:
-            raise ValueError(f"folder link points outside the library roots ({real}); not followed")
+            raise ValueError("folder link points outside the library roots; not followed")
         stack.append((entry.path, real))
         return
     if Path(entry.name).suffix.lower() not in ADAPTER_SUFFIXES:
@@ -156,7 +156,7 @@ def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, re
         path=entry.path, root=root, relpath=relpath, folder=relpath.rpartition("/")[0],
         directory=directory, file_name=entry.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
         sidecars=sidecars, sidecar_key=_sidecar_key(directory, sidecars),
-        escape=f"link target {real} is outside the library roots; not opened" if escaped else ""))
+        escape="link target is outside the library roots; not opened" if escaped else ""))
 
 
 def sha256_of(path: str) -> str:

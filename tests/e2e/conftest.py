@@ -43,6 +43,6 @@ def loras_dir(workspace: Path) -> Path:
     folder = workspace / "models" / "loras"
     yield folder
     for child in folder.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     place_demo_loras(folder)
     place_playground_loras(folder)

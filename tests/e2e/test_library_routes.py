@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -126,7 +127,13 @@ def test_resolve_finds_a_renamed_file_by_hash(comfy_server, library_files, loras
     sha = library_files["routes/steel_paladin.safetensors"]
     assert comfy_server.request("/loom/library/rescan", {})[0] == 200
     (loras_dir / "routes" / "steel_paladin.safetensors").rename(loras_dir / "other" / "paladin_v2.safetensors")
-    status, found = get(comfy_server, "/loom/library/resolve", name="routes/steel_paladin.safetensors", sha256=sha)
+    deadline = time.monotonic() + 30  # the shared background rescan may be throttled for a few seconds
+    while True:
+        status, found = get(comfy_server, "/loom/library/resolve", name="routes/steel_paladin.safetensors",
+                            sha256=sha)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert status == 200, found
     assert found == {"lora": "other/paladin_v2.safetensors", "sha256": sha, "renamed": True}
     status, missing = get(comfy_server, "/loom/library/resolve", name="gone.safetensors", sha256="ab" * 32)
