@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 PLAYGROUND_LORAS = ("playground_ring.safetensors", "playground_stripes.safetensors")
+PROMPT = "a red ring on the left and a blue striped square on the right"
 HIDDEN = 3072
 MIB = 1 << 20
 
@@ -130,7 +131,7 @@ def workflow_prompt(seed: int, steps: int) -> dict:
         "model": {"class_type": "LoomPlaygroundModel", "inputs": {}},
         "stack": {"class_type": "LoomLoraStack", "inputs": {"model": ["model", 0], "clip": ["model", 1],
                                                             "rows": json.dumps(rows)}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["stack", 1], "text": "a ring and stripes"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["stack", 1], "text": PROMPT}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["stack", 1], "text": ""}},
         "latent": {"class_type": "LoomPlaygroundLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "sampler": {"class_type": "KSampler", "inputs": {

@@ -28,7 +28,11 @@ def run_soak_command(args: argparse.Namespace) -> int:
     if keep is not None and keep.exists():
         sys.stderr.write(f"loom bench soak: --keep {keep} already exists; give a new folder\n")
         return 2
-    report = run_soak(config, comfyui, progress=lambda line: logger.info("%s", line), keep=keep)
+    try:
+        report = run_soak(config, comfyui, progress=lambda line: logger.info("%s", line), keep=keep)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # the server failed a prompt, or did not start
+        sys.stderr.write(f"loom bench soak: {str(exc)[:4000]}\n")
+        return 1
     sys.stdout.write(format_report(report) + "\n")
     return 1 if args.strict and not report.met else 0
 

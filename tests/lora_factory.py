@@ -367,3 +367,17 @@ def save_case(case: LoraCase, path: str | Path, dtype: torch.dtype | None = None
     tensors = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in case.state_dict.items()}
     save_file(tensors, str(path), metadata=case.metadata)
     return path
+
+
+def safetensors_loads(path: str | Path) -> bool:
+    """Whether the safetensors library itself opens ``path`` and reads every tensor (the reference the pack's
+    header validator is held to)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except Exception:  # noqa: BLE001 - any refusal by safetensors counts
+        return False
+    return True

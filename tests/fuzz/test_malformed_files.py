@@ -33,9 +33,8 @@ import pytest
 import torch
 from hypothesis import given, seed
 from hypothesis import strategies as st
-from safetensors import safe_open
 
-from lora_factory import FluxDims, build_lora, save_case
+from lora_factory import FluxDims, build_lora, safetensors_loads, save_case
 from lora_loom.cli import build_parser
 from lora_loom.composition import loading
 from lora_loom.composition.comfy_bridge.stack import load_entries
@@ -270,16 +269,6 @@ def _split_bytes(content: bytes) -> Base:
 
 
 # ------------------------------------------------------------------------------------------ properties
-def safetensors_loads(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except Exception:  # noqa: BLE001 - any refusal by safetensors itself
-        return False
-    return True
-
-
 LOOM = build_parser()  # built once: building it imports every command (~30 ms)
 
 
