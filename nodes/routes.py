@@ -109,8 +109,8 @@ def details(query: dict[str, str]) -> dict[str, Any]:
 
         try:
             path = lora_file(ref)
-        except OutsideFoldersError as exc:
-            raise RouteError(404, f"no LoRA {ref!r} in the library or in your loras folders ({exc})") from None
+        except OutsideFoldersError:  # a link leading outside, a pickle: not ours to describe
+            path = None
         if path is None:
             raise RouteError(404, f"no LoRA {ref!r} in the library or in your loras folders")
         return {"lora": ref.replace("\\", "/"), "sha256": cached_sha256(path), "indexed": False}
