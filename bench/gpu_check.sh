@@ -102,19 +102,19 @@ if [[ $tiny -eq 1 ]]; then
   # CPU: the kernels run under Triton's interpreter (the tests arrange it), the perf sweep on the small model.
   step kernels "$py" -m pytest -q -p no:cacheprovider tests/unit/test_triton_kernels.py --junitxml="$out/kernels.xml"
   step perf-64 "${loom[@]}" bench perf --cpu --model small --resolutions 64 --adapters 2 --regions 2 \
-       --steps 2 --repeats 1 --threads 2 --methods "${methods[@]}" --out "$out/perf-64"
+       --steps 2 --repeats 1 --threads 2 --methods "${methods[@]}" --out "$out/perf-64" --force
   step dynamic "${loom[@]}" bench perf --cpu --model small --resolutions 64 --adapters 1 --regions 1 \
-       --steps 2 --repeats 1 --threads 2 --methods base merged --out "$out/dynamic"
+       --steps 2 --repeats 1 --threads 2 --methods base merged --out "$out/dynamic" --force
 else
   step kernels "$py" -m pytest -q -p no:cacheprovider tests/unit/test_triton_kernels.py --junitxml="$out/kernels.xml"
   for res in 512 1024; do
     step "perf-$res" "${loom[@]}" bench perf --model flux-dev --resolutions "$res" --adapters 1,4,16 --regions 1,4 \
-         --steps 4 --repeats 2 --methods "${methods[@]}" --out "$out/perf-$res"
+         --steps 4 --repeats 2 --methods "${methods[@]}" --out "$out/perf-$res" --force
   done
   dynamic="${LOOM_GPU_COMFYUI_DYNAMIC:-.gpu/comfyui-0.33}"
   if [[ -f "$dynamic/main.py" ]]; then
     COMFYUI_PATH="$dynamic" step dynamic "${loom[@]}" bench perf --comfyui "$dynamic" --model flux-dev \
-         --resolutions 1024 --adapters 1,4 --regions 1 --steps 4 --repeats 2 --methods base merged --out "$out/dynamic"
+         --resolutions 1024 --adapters 1,4 --regions 1 --steps 4 --repeats 2 --methods base merged --out "$out/dynamic" --force
   else
     echo "== dynamic: skipped (no ComfyUI 0.33 at $dynamic)" | tee -a "$summary"
   fi
