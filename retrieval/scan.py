@@ -151,12 +151,22 @@ def _visit(entry: os.DirEntry[str], root: str, directory: str, real_dir: str, re
         st = entry.stat(follow_symlinks=not escaped)
     except FileNotFoundError:  # deleted while we were listing: it simply is not there
         return
-    sidecars = find_sidecars(entry.name, names)
+    sidecars = _sidecars_inside(directory, find_sidecars(entry.name, names), real_roots)
     found.append(FileCandidate(
         path=entry.path, root=root, relpath=relpath, folder=relpath.rpartition("/")[0],
         directory=directory, file_name=entry.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
         sidecars=sidecars, sidecar_key=_sidecar_key(directory, sidecars),
         escape="link target is outside the library roots; not opened" if escaped else ""))
+
+
+def _sidecars_inside(directory: str, sidecars: SidecarSet, real_roots: Sequence[str]) -> SidecarSet:
+    """Only the sidecars and preview whose real path stays inside the roots: a ``.txt`` or ``.civitai.info``
+    link to a file elsewhere is never read (its text would reach the index and the panel)."""
+    def ok(name: str) -> bool:
+        return inside(os.path.realpath(os.path.join(directory, name)), real_roots)
+
+    return SidecarSet(files={kind: name for kind, name in sidecars.files.items() if ok(name)},
+                      preview=sidecars.preview if sidecars.preview and ok(sidecars.preview) else "")
 
 
 def sha256_of(path: str) -> str:

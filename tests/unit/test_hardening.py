@@ -89,6 +89,18 @@ def test_bad_entries_cost_one_error_each_never_the_scan(library: Library) -> Non
     assert library.details("sub/info.safetensors").problems  # the sidecar's problem, not the LoRA's
 
 
+def test_sidecar_links_leading_outside_are_not_read(library: Library, tmp_path: Path) -> None:
+    root = Path(library.roots[0])
+    factory.save_lora(root / "style.safetensors", metadata={"ss_output_name": "style"})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the password is hunter2", encoding="utf-8")
+    os.symlink(secret, root / "style.txt")
+    os.symlink(tmp_path / "index.sqlite", root / "style.preview.png")
+    library.scan()
+    details = library.details("style.safetensors")
+    assert details.status == "ok" and "hunter2" not in details.notes and details.preview == ""
+
+
 def test_every_ok_row_loads(library: Library) -> None:
     root = Path(library.roots[0])
     save_case(build_lora("kohya", "lora", DIMS), root / "fine.safetensors")
