@@ -30,7 +30,24 @@ from .formats import read_adapter_set
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-ADAPTER_CACHE_MB = int(os.environ.get("LOOM_ADAPTER_CACHE_MB", "2048"))
+DEFAULT_ADAPTER_CACHE_MB = 2048
+
+
+def _adapter_cache_mb() -> int:
+    """``LOOM_ADAPTER_CACHE_MB`` (MiB of parsed LoRAs kept in memory), or the default when unset or unreadable."""
+    raw = os.environ.get("LOOM_ADAPTER_CACHE_MB", str(DEFAULT_ADAPTER_CACHE_MB))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        logger.warning("LOOM_ADAPTER_CACHE_MB=%r is not a whole number of MiB >= 0; using %d", raw,
+                       DEFAULT_ADAPTER_CACHE_MB)
+        return DEFAULT_ADAPTER_CACHE_MB
+    return value
+
+
+ADAPTER_CACHE_MB = _adapter_cache_mb()
 
 
 class CorruptTensorError(ValueError):
