@@ -45,7 +45,11 @@ def _folder() -> None:
 def gate_checkpoint_names() -> list[str]:
     """Learned-gate checkpoints in ``models/loom_gates`` (for the node's combo)."""
     _folder()
-    return folder_paths.get_filename_list(GATE_FOLDER)
+    try:
+        return folder_paths.get_filename_list(GATE_FOLDER)
+    except OSError:  # a listed folder vanished since ComfyUI cached the listing (it stats the cached folders)
+        folder_paths.filename_list_cache.pop(GATE_FOLDER, None)
+        return folder_paths.get_filename_list(GATE_FOLDER)
 
 
 def _chain(previous: Sequence[AdapterGate] | None, gate: AdapterGate) -> tuple[AdapterGate, ...]:

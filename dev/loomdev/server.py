@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from lora_loom.bench.comfy_server import ComfyServer as _ComfyServer
-from lora_loom.bench.comfy_server import free_port
+from lora_loom.bench.comfy_server import _die_with_parent, free_port  # noqa: F401  (tests/e2e/test_server.py)
 
 from .demo_loras import place_demo_loras
 from .fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE, ensure_fixtures

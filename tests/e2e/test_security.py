@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import os
 import secrets
-import shutil
 import time
 import urllib.parse
 from pathlib import Path
@@ -33,7 +32,8 @@ def gates_dir(workspace: Path):
     folder = workspace / "models" / "loom_gates"
     folder.mkdir(parents=True, exist_ok=True)
     yield folder
-    shutil.rmtree(folder)
+    for child in folder.iterdir():
+        child.unlink()
 
 
 def still_answers(server) -> None:
