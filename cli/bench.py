@@ -14,7 +14,12 @@ logger = logging.getLogger(__name__)
 
 
 def run_library(args: argparse.Namespace) -> int:
-    from ..retrieval.bench import format_table, run_benchmark
+    from ..retrieval.bench import floor_study, format_table, run_benchmark
+
+    if args.floor:
+        chosen, rows = floor_study(count=min(args.count, 600), seed=args.seed)
+        sys.stdout.write(f"relevance floor chosen on the tuning queries: {chosen:.2f}\n" + format_table(rows) + "\n")
+        return 0
 
     rows = run_benchmark(count=args.count, folder=args.folder, queries=args.queries, seed=args.seed)
     sys.stdout.write((json.dumps([asdict(r) for r in rows], indent=1) if args.json else format_table(rows)) + "\n")
@@ -33,6 +38,8 @@ def register_library(group: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="generator seed")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is not met")
+    p.add_argument("--floor", action="store_true", help="choose the search relevance floor on tuning queries and "
+                   "report it on held-out queries (at most 600 files)")
     p.set_defaults(run=run_library)
 
 

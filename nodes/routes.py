@@ -3,11 +3,16 @@ parses the query, runs one library call in a worker thread (SQLite and file read
 loop) and answers JSON. A reference (``ref``) is a sha256 or a path relative to a loras folder; absolute
 paths, ``..`` segments and files outside the loras folders are refused with 400/404.
 
-    GET  /loom/library/search?q=&k=&base_model=&folder=&include=&exclude=
+    GET  /loom/library/search?q=&k=&base_model=&folder=&include=&exclude=&loader=&model=&fits_only=
     GET  /loom/library/details?ref=
     GET  /loom/library/preview?ref=
     POST /loom/library/rescan
     GET  /loom/library/resolve?name=&sha256=
+    GET  /loom/library/fit?loader=&model=&refs=        which LoRAs fit the model a loader node loads
+    GET  /loom/check/rule_blocks?spec=                  Loom Compose's rule_blocks checked while editing
+
+``loader`` is the type of the node that loads the model (``UNETLoader``, ``CheckpointLoaderSimple``,
+``LoomPlaygroundModel``) and ``model`` its file name; only headers inside the model folders are read.
 """
 from __future__ import annotations
 
@@ -23,12 +28,15 @@ from typing import Any
 from aiohttp import web
 
 from ..composition.comfy_bridge.model_files import confined_model_path
+from ..composition.comfy_bridge.regional import parse_rule_blocks
+from ..composition.plan import PlanError
 from ..files.folders import OutsideFoldersError, relative_name
 from ..retrieval.comfy_bridge import (
     PROGRESS_EVENT,
     ScanBusy,
     ensure_scanned,
     lora_file,
+    model_targets_for,
     request_rescan,
     scan_library,
     send_ui_event,
@@ -36,7 +44,8 @@ from ..retrieval.comfy_bridge import (
     ui_progress,
 )
 from ..retrieval.explain import details_json, hit_json, scan_report_json
-from ..retrieval.search import SearchFilters
+from ..retrieval.search import Hit, SearchFilters
+from ..retrieval.targets import Targets, fit
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +87,28 @@ def _preview_url(ref: str) -> str:
     return f"{PREFIX}/preview?ref={urllib.parse.quote(ref)}"
 
 
+def _model(query: dict[str, str]) -> Targets | None:
+    """The targets of the model the query's ``loader``/``model`` name, or ``None`` when no loader is given."""
+    loader = (query.get("loader") or "").strip()
+    if not loader:
+        return None
+    name = (query.get("model") or "").strip()
+    if name:
+        _reference(name, "model")
+    return model_targets_for(loader, name)
+
+
+def _fit_json(targets: Targets, model: Targets | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    found = fit(targets, model)
+    return {"ok": found.ok, "reason": found.reason}
+
+
 def search(query: dict[str, str]) -> dict[str, Any]:
-    """Search hits as JSON (the library is scanned first if this process has not scanned it yet)."""
+    """Search hits as JSON (the library is scanned first if this process has not scanned it yet). With a
+    model (``loader``/``model``) every hit says whether it fits it, and ``fits_only=1`` keeps those that do.
+    When a query matches nothing, ``closest`` lists the nearest LoRAs below the relevance floor."""
     try:
         top_k = int(query.get("k") or 20)
     except ValueError:
@@ -93,9 +122,47 @@ def search(query: dict[str, str]) -> dict[str, Any]:
     ensure_scanned(library, ui_progress())
     filters = SearchFilters(base_model=query.get("base_model") or "", folder=folder,
                             tags_include=_tags(query.get("include")), tags_exclude=_tags(query.get("exclude")))
-    hits = library.search(query.get("q") or "", top_k=top_k, filters=filters)
-    return {"query": query.get("q") or "", "hits": [
-        hit_json(h, _preview_url(h.sha256 or h.relpath) if h.preview else None) for h in hits]}
+    model = _model(query)
+    fits_only = model is not None and query.get("fits_only") in ("1", "true")
+    text = query.get("q") or ""
+
+    def answer(hits: list[Hit]) -> list[dict[str, Any]]:
+        out = []
+        for h in hits:
+            item = hit_json(h, _preview_url(h.sha256 or h.relpath) if h.preview else None)
+            item["fit"] = _fit_json(h.targets, model)
+            if not (fits_only and item["fit"] and item["fit"]["ok"] is False):
+                out.append(item)
+        return out
+
+    hits = answer(library.search(text, top_k=top_k, filters=filters))
+    closest = answer(library.search(text, top_k=3, filters=filters, floor=False)) if not hits and text.strip() else []
+    return {"query": text, "hits": hits, "closest": closest,
+            "model": model.describe() if model is not None else None}
+
+
+def fit_loras(query: dict[str, str]) -> dict[str, Any]:
+    """For each of ``refs`` (comma-separated names as in a stack's rows): whether it fits the model."""
+    model = _model(query)
+    if model is None:
+        raise RouteError(400, "pass loader= (the model loader node's type) and model= (its file name)")
+    refs = [_reference(r, "refs") for r in (query.get("refs") or "").split(",") if r.strip()]
+    library = server_library(plain=True)
+    fits = {}
+    for ref in refs:
+        found = library.details(ref)
+        fits[ref] = _fit_json(found.targets if found else Targets(), model) | {
+            "targets": found.targets.describe() if found else "not in the library index"}
+    return {"model": model.describe(), "fits": fits}
+
+
+def check_rule_blocks(query: dict[str, str]) -> dict[str, Any]:
+    """Whether a ``rule_blocks`` spec reads (Loom Compose's own parser): ``{"ok": true}`` or the message."""
+    try:
+        parse_rule_blocks(query.get("spec") or "")
+    except PlanError as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": True}
 
 
 def details(query: dict[str, str]) -> dict[str, Any]:
@@ -208,12 +275,13 @@ def register() -> bool:
         return True
     _registered.append(instance)
     routes = instance.routes
-    for method, name, call in (("GET", "search", search), ("GET", "details", details),
-                               ("GET", "preview", preview), ("POST", "rescan", rescan),
-                               ("GET", "resolve", resolve)):
+    for method, path, call in (("GET", f"{PREFIX}/search", search), ("GET", f"{PREFIX}/details", details),
+                               ("GET", f"{PREFIX}/preview", preview), ("POST", f"{PREFIX}/rescan", rescan),
+                               ("GET", f"{PREFIX}/resolve", resolve), ("GET", f"{PREFIX}/fit", fit_loras),
+                               ("GET", "/loom/check/rule_blocks", check_rule_blocks)):
         async def handler(request: web.Request, call: Callable[[dict[str, str]], Any] = call) -> web.StreamResponse:
             return await _answer(call, request)
 
-        routes.route(method, f"{PREFIX}/{name}")(handler)
+        routes.route(method, path)(handler)
     logger.debug("library routes registered under %s", PREFIX)
     return True

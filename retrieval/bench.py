@@ -139,3 +139,75 @@ def format_table(rows: list[BenchRow]) -> str:
         met = "" if row.met is None else ("yes" if row.met else "NO")
         lines.append(f"{row.metric:<42} {row.value:>12.2f} {row.unit:<8} {row.goal:<10} {met}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- the relevance floor
+NONSENSE_TUNING = ("xyzzyqq", "qwrtp", "zzkv blorf", "mnbvc", "plugh frob", "grault wibble")
+NONSENSE_HELD_OUT = ("kjhgf", "wugga vrrp", "xqzt", "flimflam zorp", "bzzt qqq", "snarf")
+FLOOR_CANDIDATES = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class FloorQuery:
+    """One labelled query: ``relevant`` are the file names (stems) a user would want, empty for nonsense."""
+
+    text: str
+    relevant: frozenset[str]
+
+
+def _misspelt(word: str, rng: random.Random) -> str:
+    """A one-letter slip: a letter dropped, doubled or two letters swapped (never the first letter)."""
+    i = rng.randrange(1, len(word) - 1)
+    return rng.choice((word[:i] + word[i + 1:], word[:i] + word[i] + word[i:], word[:i] + word[i + 1] + word[i] + word[i + 2:]))
+
+
+def floor_queries(names: list[str], words: tuple[str, ...], nonsense: tuple[str, ...], seed: int) -> list[FloorQuery]:
+    """Queries over a generated library (file stems ``style_subject_vN``): each word as typed, each word with
+    a slip (relevant: the files of the word meant) and nonsense (relevant: nothing)."""
+    rng = random.Random(seed)
+    by_word = {w: frozenset(n for n in names if w in n.split("_")[:2]) for w in words}
+    queries = [FloorQuery(w, by_word[w]) for w in words]
+    queries += [FloorQuery(_misspelt(w, rng), by_word[w]) for w in words if len(w) > 4]
+    queries += [FloorQuery(text, frozenset()) for text in nonsense]
+    return queries
+
+
+def floor_scores(library: Library, queries: list[FloorQuery], floor: float, top_k: int = 50) -> dict[str, float]:
+    """Precision, recall and F1 over all (query, file) pairs, and the share of nonsense queries answered with
+    nothing, at relevance ``floor``."""
+    library.semantic_floor = floor
+    found = relevant = correct = 0
+    silent = nonsense = 0
+    for query in queries:
+        names = {Path(h.relpath).stem for h in library.search(query.text, top_k=top_k)}
+        found += len(names)
+        relevant += len(query.relevant)
+        correct += len(names & query.relevant)
+        if not query.relevant:
+            nonsense += 1
+            silent += not names
+    precision = correct / found if found else 1.0
+    recall = correct / relevant if relevant else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "nonsense_silent": silent / max(1, nonsense)}
+
+
+def floor_study(count: int = 600, seed: int = 0) -> tuple[float, list[BenchRow]]:
+    """Choose the semantic relevance floor on tuning queries (the first half of the styles and subjects, one set
+    of nonsense words) by F1, then report it on held-out queries (the other half, other nonsense words) with
+    the hashed text encoder. Returns the chosen floor and the held-out rows."""
+    with tempfile.TemporaryDirectory(prefix="loom-floor-") as scratch:
+        root = Path(scratch) / "loras"
+        generate_library(root, count, seed)
+        library = Library(Path(scratch) / "library.sqlite", [root], text_encoder=HashedTextEncoder())
+        library.scan()
+        names = [Path(h.relpath).stem for h in library.search("", top_k=count)]
+        half = len(STYLES) // 2
+        tuning = floor_queries(names, STYLES[:half] + SUBJECTS[:half], NONSENSE_TUNING, seed)
+        held_out = floor_queries(names, STYLES[half:] + SUBJECTS[half:], NONSENSE_HELD_OUT, seed + 1)
+        chosen = max(FLOOR_CANDIDATES, key=lambda f: (round(floor_scores(library, tuning, f)["f1"], 4), -f))
+        rows = []
+        for label, floor in (("no floor (cos > 0)", 1e-9), (f"floor {chosen:.2f}", chosen)):
+            scores = floor_scores(library, held_out, floor)
+            rows += [BenchRow(f"held-out {label}: {k}", v, "", "", None) for k, v in scores.items()]
+        return chosen, rows

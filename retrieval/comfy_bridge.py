@@ -34,6 +34,7 @@ from .library import Library
 from .rescan import RescanScheduler
 from .scan import ProgressCallback, ScanReport
 from .search import Hit, SearchFilters
+from .targets import Targets, model_targets
 from .text_encoders import HashedTextEncoder, TextEncoder
 from .weight_encoder import WeightEncoder, load_weight_encoder
 
@@ -356,3 +357,39 @@ def pick_adapters(prompt: str, top_k: int, strength: float, base_model: str = ""
     entries = tuple(load_entries(rows, resolve_lora))
     return LibraryPick(lora_stack=[(h.relpath, strength, strength) for h in hits], entries=entries, hits=hits,
                        text=hits_text(list(hits), prompt))
+
+
+# ---------------------------------------------------------------------------------- compatibility
+# Model loader node → the model folder its file-name widget reads (its value is what the frontend sends).
+MODEL_LOADERS = {"UNETLoader": "diffusion_models", "CheckpointLoaderSimple": "checkpoints",
+                 "CheckpointLoader": "checkpoints", "ImageOnlyCheckpointLoader": "checkpoints"}
+PLAYGROUND_LOADER = "LoomPlaygroundModel"
+
+
+def model_targets_for(loader: str, name: str = "") -> Targets:
+    """The width and block counts of the model a loader node loads (``Targets()`` when the loader or its file
+    is unknown); only files inside ComfyUI's configured model folders are read, and only their headers."""
+    from .header import HeaderError, read_header
+
+    if loader == PLAYGROUND_LOADER:
+        from ..playground.model import MODEL_FILE
+
+        path = str(MODEL_FILE) if MODEL_FILE.is_file() else None
+    elif loader in MODEL_LOADERS and name:
+        from ..composition.comfy_bridge.model_files import OutsideFoldersError, model_file
+
+        try:
+            path = model_file(MODEL_LOADERS[loader], name)
+        except (OutsideFoldersError, FileNotFoundError) as exc:
+            logger.info("model %s: %s", name, exc)
+            path = None
+    else:
+        path = None
+    if path is None:
+        return Targets()
+    try:
+        header = read_header(path)
+    except (HeaderError, OSError) as exc:
+        logger.info("model %s: cannot read its header (%s)", name or loader, exc)
+        return Targets()
+    return model_targets({key: entry.shape for key, entry in header.tensors.items()})

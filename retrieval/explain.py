@@ -17,10 +17,11 @@ SOURCE_LABELS = {"text": "words", "semantic": "meaning", "weight": "weights vs p
 
 
 def describe_component(component: ScoreComponent) -> str:
-    """``words #1 (bm25 3.20)`` / ``meaning #4 (cos 0.41)``."""
+    """``words (bm25 3.20)`` / ``meaning (cos 0.41)``: the score that placed the hit, without the component's
+    own rank (a list shows its own order; a second, different number beside it only misleads)."""
     label = SOURCE_LABELS.get(component.source, component.source)
     measure = "bm25" if component.source == "text" else "cos"
-    return f"{label} #{component.rank} ({measure} {component.score:.2f})"
+    return f"{label} ({measure} {component.score:.2f})"
 
 
 def describe_why(why: Why) -> str:
@@ -59,7 +60,8 @@ def hit_json(hit: Hit, preview_url: str | None = None) -> dict[str, Any]:
     """A hit for the web panel / ``--json``: ``lora`` is the name ComfyUI's loras list uses."""
     return {"lora": hit.relpath, "name": hit.name, "title": hit.title, "base_model": hit.base_model,
             "sha256": hit.sha256, "trigger_words": list(hit.trigger_words), "tags": list(hit.tags),
-            "score": hit.score, "preview": preview_url, "why": why_json(hit.why)}
+            "score": hit.score, "preview": preview_url, "why": why_json(hit.why), "copies": list(hit.copies),
+            "targets": hit.targets.describe()}
 
 
 def details_json(details: AdapterDetails, preview_url: str | None = None) -> dict[str, Any]:
@@ -68,6 +70,7 @@ def details_json(details: AdapterDetails, preview_url: str | None = None) -> dic
     for private in ("path", "root"):
         out.pop(private)
     out["lora"] = out.pop("relpath")
+    out["targets"] = details.targets.describe()
     out["preview_url"] = preview_url
     out["indexed"] = True
     return out

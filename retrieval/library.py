@@ -22,9 +22,10 @@ import numpy as np
 from ..bounded_cache import BoundedCache
 from ..files.folders import OutsideFoldersError, confine
 from .scan import ProgressCallback, ScanError, ScanReport, scan_roots, sha256_of
-from .search import (Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fuse, hits_from_rows, query_terms,
-                     text_ranking)
+from .search import (SEMANTIC_FLOOR, Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fuse, group_copies,
+                     hits_from_rows, query_terms, row_targets, text_ranking)
 from .store import ConnectionPool, VectorMatrix, generation, load_vectors, store_vectors, write_transaction
+from .targets import Targets
 from .text_encoders import TextEncoder, adapter_caption
 from .weight_encoder import WeightEncoder
 from .weight_vectors import SIGNATURE_KIND, WEIGHT_KIND, SignatureSpace, refresh_weight_vectors
@@ -66,6 +67,7 @@ class AdapterDetails:
     tensor_count: int
     sources: tuple[str, ...]
     problems: tuple[str, ...]
+    targets: Targets
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Library:
                              f"library's text encoder is {getattr(text_encoder, 'name', None)!r}; pass the "
                              "text encoder it was trained against")
         self.hash_files = hash_files
+        self.semantic_floor = SEMANTIC_FLOOR
         self._pool = ConnectionPool(self.db_path)
         self._cache: BoundedCache[tuple[str, str], tuple[int, VectorMatrix]] = BoundedCache(
             "library vectors", max_entries=8, max_bytes=1 << 30, weigh=lambda item: item[1].matrix.nbytes)
@@ -176,12 +179,18 @@ class Library:
 
     # --------------------------------------------------------------------------------------------- search
     def search(self, query: str = "", top_k: int = 20, filters: SearchFilters | None = None,
-               like: str | None = None) -> list[Hit]:
+               like: str | None = None, floor: bool = True) -> list[Hit]:
         """Best ``top_k`` adapters for ``query`` (and/or weights similar to adapter ``like``, a relpath or
-        sha256) under ``filters``. An empty query with no ``like`` lists adapters by name."""
+        sha256) under ``filters``; byte-identical copies come as one hit (``copies``). An empty query with no
+        ``like`` lists adapters by name.
+
+        With ``floor`` (the default) only relevant hits come back: words match without stop words and a hit
+        found only by meaning needs a cosine of at least ``semantic_floor``; an empty list means nothing
+        matched. ``floor=False`` ranks everything by closeness (stop words included): the "closest" list
+        shown when nothing matched."""
         conn = self._pool.get()
         filters = filters or SearchFilters()
-        terms = query_terms(query)
+        terms = query_terms(query) if floor else query_terms(query, frozenset())
         depth = max(50, top_k * 5)
         rankings: dict[str, list[tuple[int, float]]] = {}
         if terms:
@@ -191,8 +200,9 @@ class Library:
         if query.strip() and self.text_encoder is not None:
             prompt = self.text_encoder.encode([query]).detach().float().cpu().numpy()[0]
             text = self._matrix(TEXT_KIND, self.text_encoder.name)
+            least = self.semantic_floor if floor else -1.0
             rankings["semantic"] = [r for r in cosine_ranking(text.ids, text.matrix, prompt, allowed, depth)
-                                    if r[1] > 0]
+                                    if r[1] >= least]
             model = getattr(self.weight_encoder, "name", None)
             if model:
                 weights = self._matrix(WEIGHT_KIND, model)
@@ -200,12 +210,12 @@ class Library:
         if like:
             rankings["like"] = self._like_ranking(like, allowed, depth)
         if not any(rankings.values()):
-            if terms or like:
+            if query.strip() or like:
                 return []
-            fused = [(i, 0.0, ()) for i in browse(conn, filters, self.roots, top_k)]
+            fused = [(i, 0.0, ()) for i in browse(conn, filters, self.roots, top_k * 3)]
         else:
-            fused = fuse(rankings)[:top_k]
-        return hits_from_rows(conn, fused, terms)
+            fused = fuse(rankings)[:top_k * 3]
+        return group_copies(hits_from_rows(conn, fused, terms))[:top_k]
 
     def _like_ranking(self, like: str, allowed: np.ndarray | None, depth: int) -> list[tuple[int, float]]:
         row = self._row(like)
@@ -254,7 +264,8 @@ class Library:
             trigger_words=tuple(json.loads(str(row["trigger_words"]))), tags=tuple(json.loads(str(row["tags"]))),
             tag_frequency=json.loads(str(row["tag_frequency"])), preview=str(row["preview"]),
             has_thumbnail=bool(row["has_thumbnail"]), tensor_count=int(row["tensor_count"]),
-            sources=tuple(json.loads(str(row["sources"]))), problems=tuple(json.loads(str(row["problems"]))))
+            sources=tuple(json.loads(str(row["sources"]))), problems=tuple(json.loads(str(row["problems"]))),
+            targets=row_targets(row))
 
     def _current_file(self, row: dict[str, object]) -> str | None:
         """The row's path if it is still a safetensors file inside the roots (symlinks resolved), else ``None``."""

@@ -118,8 +118,14 @@ def normalise_base_model(value: str) -> str:
     squashed = re.sub(r"[^a-z0-9]+", " ", text).strip()
     words = set(squashed.split())
     if "flux" in text:
+        if re.search(r"flux[ .-]?2\b", text):
+            return "flux.2"
         if "kontext" in words:
             return "flux.1-kontext"
+        if "krea" in words:
+            return "flux.1-krea"
+        if "fluxdev" in squashed.replace(" ", "") and "schnell" not in words:
+            return "flux.1-dev"
         if "schnell" in words or squashed.endswith(" s"):
             return "flux.1-schnell"
         if "dev" in words or squashed.endswith(" d") or "flux 1 d" in squashed:

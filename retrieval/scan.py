@@ -24,6 +24,7 @@ from .header import ADAPTER_SUFFIXES, HeaderError, refusal_reason
 from .metadata import AdapterMetadata, facts_from_header, merge_facts, normalise_base_model
 from .sidecars import SidecarSet, find_sidecars, read_sidecars
 from .store import write_transaction
+from .targets import Targets, lora_targets
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ class DescribedFile:
     tensor_count: int
     header_read: bool
     hashed: bool
+    targets: Targets = Targets()
 
 
 def describe(candidate: FileCandidate, known_sha256: str | None, hash_files: bool) -> DescribedFile:
@@ -223,14 +225,16 @@ def _describe(candidate: FileCandidate, known_sha256: str | None, hash_files: bo
             sha, hashed = sha256_of(candidate.path), True
         except OSError as exc:
             return DescribedFile(candidate, None, f"cannot hash file: {exc}", None, 0, True, False)
-    return DescribedFile(candidate, metadata, "", sha, len(header.tensors), True, hashed)
+    targets = lora_targets({name: entry.shape for name, entry in header.tensors.items()})
+    return DescribedFile(candidate, metadata, "", sha, len(header.tensors), True, hashed, targets)
 
 
 _COLUMNS = ("path", "root", "relpath", "folder", "file_name", "size", "mtime_ns", "sidecar_key", "status", "error",
             "sha256", "declared_sha256", "name", "title", "description", "notes", "base_model", "base_family",
             "architecture", "output_name", "network_module", "network_dim", "network_alpha", "trigger_words",
             "tags", "tag_frequency", "preview", "has_thumbnail", "tensor_count", "sources", "problems",
-            "fts_triggers", "fts_tags", "fts_tag_freq", "fts_description", "indexed_at")
+            "fts_triggers", "fts_tags", "fts_tag_freq", "fts_description", "indexed_at", "target_arch",
+            "target_hidden", "target_double", "target_single")
 _UPSERT = (f"INSERT INTO adapters({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
            f"ON CONFLICT(path) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")
 
@@ -248,7 +252,7 @@ def _raw_row(item: DescribedFile) -> tuple[object, ...]:
     if m is None:
         return (c.path, c.root, c.relpath, c.folder, c.file_name, c.size, c.mtime_ns, c.sidecar_key, "error",
                 item.error, None, "", stem, "", "", "", "", "", "", "", "", None, None, "[]", "[]", "{}", "", 0, 0,
-                "[]", "[]", "", "", "", "", time.time())
+                "[]", "[]", "", "", "", "", time.time(), "", None, 0, 0)
     freq_text = " ".join(m.tag_frequency)
     return (c.path, c.root, c.relpath, c.folder, c.file_name, c.size, c.mtime_ns, c.sidecar_key, "ok", "",
             item.sha256, m.declared_sha256, m.name, m.title, m.description, m.notes, m.base_model,
@@ -256,7 +260,8 @@ def _raw_row(item: DescribedFile) -> tuple[object, ...]:
             m.network_alpha, json.dumps(list(m.trigger_words)), json.dumps(list(m.tags)),
             json.dumps(dict(m.tag_frequency)), m.preview, int(m.has_thumbnail), item.tensor_count,
             json.dumps(list(m.sources)), json.dumps(list(m.problems)), " , ".join(m.trigger_words),
-            " , ".join(m.tags), freq_text, f"{m.description}\n{m.notes}\n{stem}"[:8000], time.time())
+            " , ".join(m.tags), freq_text, f"{m.description}\n{m.notes}\n{stem}"[:8000], time.time(),
+            item.targets.architecture, item.targets.hidden, item.targets.double_blocks, item.targets.single_blocks)
 
 
 def write_batch(conn: sqlite3.Connection, items: Sequence[DescribedFile]) -> None:

@@ -7,21 +7,28 @@ Reciprocal-rank fusion (score = Σ 1/(k + rank)) combines them without calibrati
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .metadata import normalise_base_model
 from .store import FIELD_LABELS, FTS_FIELDS
+from .targets import Targets
 
 logger = logging.getLogger(__name__)
 
 RRF_K = 60
+# The relevance floor: a hit found only by meaning needs at least this cosine between the query and its caption
+# (chosen on a tuning set of queries by `loom bench library --floor`, see retrieval/bench.py: floor_study).
+SEMANTIC_FLOOR = 0.25
+# Words that carry no subject: they neither match a LoRA on their own nor count as a reason it matched.
+STOP_WORDS = frozenset("a an and are as at be by for from in into is it of on or the to with".split())
 BM25_WEIGHTS = {"name": 4.0, "title": 3.0, "fts_triggers": 3.0, "fts_tags": 2.0, "fts_tag_freq": 1.0,
                 "fts_description": 0.5}
 _TERM = re.compile(r"[^\W_]+", re.UNICODE)
@@ -81,11 +88,20 @@ class Hit:
     preview: str
     score: float
     why: Why
+    copies: tuple[str, ...] = ()
+    targets: Targets = Targets()
 
 
-def query_terms(query: str) -> tuple[str, ...]:
-    """Lower-case word terms of a query (the FTS tokenizer's notion of a word)."""
-    return tuple(dict.fromkeys(t.lower() for t in _TERM.findall(query)))
+def row_targets(row: Mapping[str, object] | sqlite3.Row) -> Targets:
+    """What an index row's LoRA targets (its ``target_*`` columns)."""
+    hidden = row["target_hidden"]
+    return Targets(architecture=str(row["target_arch"] or ""), hidden=None if hidden is None else int(hidden),
+                   double_blocks=int(row["target_double"] or 0), single_blocks=int(row["target_single"] or 0))
+
+
+def query_terms(query: str, stop_words: frozenset[str] = STOP_WORDS) -> tuple[str, ...]:
+    """Lower-case word terms of a query (the FTS tokenizer's notion of a word), without ``stop_words``."""
+    return tuple(dict.fromkeys(t for t in (w.lower() for w in _TERM.findall(query)) if t not in stop_words))
 
 
 def filter_sql(filters: SearchFilters, roots: Sequence[str]) -> tuple[str, list[object]]:
@@ -93,8 +109,12 @@ def filter_sql(filters: SearchFilters, roots: Sequence[str]) -> tuple[str, list[
     clauses = ["a.status = 'ok'", f"a.root IN ({','.join('?' * len(roots))})"]
     params: list[object] = list(roots)
     if filters.base_model:
-        clauses.append("a.base_family = ?")
-        params.append(normalise_base_model(filters.base_model))
+        # a variant (flux.1-dev) also matches LoRAs labelled with the bare family (flux1, "Flux.1"); the bare
+        # family matches every variant
+        family = normalise_base_model(filters.base_model)
+        general = family.split("-")[0]
+        clauses.append("(a.base_family IN (?, ?) OR a.base_family LIKE ? ESCAPE '\\')")
+        params += [family, general, family.replace("_", "\\_").replace("%", "\\%") + "-%"]
     folder = filters.folder.strip("/").replace("\\", "/")
     if folder:
         escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -195,8 +215,24 @@ def hits_from_rows(conn: sqlite3.Connection, fused: Sequence[tuple[int, float, t
                         name=row["name"], title=row["title"], base_model=row["base_model"],
                         sha256=row["sha256"] or "", trigger_words=tuple(json.loads(row["trigger_words"])),
                         tags=tuple(json.loads(row["tags"])), preview=row["preview"], score=score,
-                        why=Why(fields=field_matches(row, terms), components=components)))
+                        why=Why(fields=field_matches(row, terms), components=components), targets=row_targets(row)))
     return hits
+
+
+def group_copies(hits: Sequence[Hit]) -> list[Hit]:
+    """One hit per file content: later hits with the same sha256 (byte-identical copies) are folded into the
+    first as ``copies`` (their relpaths), so a library with duplicates shows one card per LoRA."""
+    first: dict[str, int] = {}
+    grouped: list[Hit] = []
+    for hit in hits:
+        if hit.sha256 and hit.sha256 in first:
+            keeper = grouped[first[hit.sha256]]
+            grouped[first[hit.sha256]] = dataclasses.replace(keeper, copies=(*keeper.copies, hit.relpath))
+            continue
+        if hit.sha256:
+            first[hit.sha256] = len(grouped)
+        grouped.append(hit)
+    return grouped
 
 
 def browse(conn: sqlite3.Connection, filters: SearchFilters, roots: Sequence[str], limit: int) -> list[int]:

@@ -21,7 +21,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 60_000
 FTS_FIELDS = ("name", "title", "fts_triggers", "fts_tags", "fts_tag_freq", "fts_description")
 FIELD_LABELS = {"name": "name", "title": "title", "fts_triggers": "trigger words", "fts_tags": "tags",
@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS adapters (
   has_thumbnail INTEGER NOT NULL DEFAULT 0, tensor_count INTEGER NOT NULL DEFAULT 0,
   sources TEXT NOT NULL DEFAULT '[]', problems TEXT NOT NULL DEFAULT '[]',
   fts_triggers TEXT NOT NULL DEFAULT '', fts_tags TEXT NOT NULL DEFAULT '',
-  fts_tag_freq TEXT NOT NULL DEFAULT '', fts_description TEXT NOT NULL DEFAULT '', indexed_at REAL NOT NULL
+  fts_tag_freq TEXT NOT NULL DEFAULT '', fts_description TEXT NOT NULL DEFAULT '', indexed_at REAL NOT NULL,
+  target_arch TEXT NOT NULL DEFAULT '', target_hidden INTEGER, target_double INTEGER NOT NULL DEFAULT 0,
+  target_single INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters(sha256);
 CREATE INDEX IF NOT EXISTS adapters_relpath ON adapters(relpath);
@@ -71,6 +73,18 @@ CREATE TRIGGER IF NOT EXISTS adapters_fts_update AFTER UPDATE ON adapters BEGIN
   INSERT INTO adapters_fts(rowid, {", ".join(FTS_FIELDS)})
   VALUES (new.id, {", ".join("new." + f for f in FTS_FIELDS)}); END;
 """
+
+
+# Upgrades of an existing index, by the version they bring it to. Each runs inside the upgrade's transaction.
+_MIGRATIONS = {
+    # what each LoRA targets (architecture, hidden width, deepest blocks: retrieval/targets.py); clearing
+    # sidecar_key makes the next scan re-read every header (no re-hash: size and mtime are unchanged)
+    2: """ALTER TABLE adapters ADD COLUMN target_arch TEXT NOT NULL DEFAULT '';
+ALTER TABLE adapters ADD COLUMN target_hidden INTEGER;
+ALTER TABLE adapters ADD COLUMN target_double INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE adapters ADD COLUMN target_single INTEGER NOT NULL DEFAULT 0;
+UPDATE adapters SET sidecar_key = '';""",
+}
 
 
 class LibraryError(RuntimeError):
@@ -104,6 +118,8 @@ def connect(db_path: str) -> sqlite3.Connection:
         raise LibraryError(f"{db_path}: index schema version {version} is newer than this LoRA Loom "
                            f"({SCHEMA_VERSION}); update LoRA Loom or pass another index path")
     if version < SCHEMA_VERSION:
+        if version:
+            _upgrade(conn)
         try:
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except BaseException:
@@ -111,6 +127,22 @@ def connect(db_path: str) -> sqlite3.Connection:
                 conn.execute("ROLLBACK")
             raise
     return conn
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring an existing index to :data:`SCHEMA_VERSION` with :data:`_MIGRATIONS`, in one transaction; the
+    version is read again inside it, so a second process upgrading at the same time finds nothing to do."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for target in range(version + 1, SCHEMA_VERSION + 1) if version else ():
+            for statement in filter(str.strip, _MIGRATIONS[target].split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @contextmanager

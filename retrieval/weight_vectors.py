@@ -60,8 +60,8 @@ def refresh_weight_vectors(conn: sqlite3.Connection, roots: Sequence[str], real_
     if signatures is None and encoder is None:
         return 0
     marks = ",".join("?" * len(roots))
-    rows = conn.execute(f"SELECT id, path, size, mtime_ns FROM adapters WHERE status = 'ok' AND root IN ({marks})",
-                        tuple(roots)).fetchall()
+    rows = conn.execute(f"SELECT id, path, size, mtime_ns, target_hidden FROM adapters WHERE status = 'ok' "
+                        f"AND root IN ({marks})", tuple(roots)).fetchall()
     have = {(r[0], r[1]): (r[2], r[3]) for r in conn.execute("SELECT adapter_id, kind, model, source_key FROM vectors")}
     pending: dict[str, list[tuple[int, str, np.ndarray]]] = {SIGNATURE_KIND: [], WEIGHT_KIND: []}
     problems: list[tuple[int, str]] = []
@@ -82,11 +82,19 @@ def refresh_weight_vectors(conn: sqlite3.Connection, roots: Sequence[str], real_
             pending[kind].clear()
         problems.clear()
 
-    for adapter_id, path, size, mtime_ns in rows:
+    for adapter_id, path, size, mtime_ns, hidden in rows:
         key = f"{size}:{mtime_ns}"
         need_signature = signatures is not None and have.get((adapter_id, SIGNATURE_KIND)) != (signatures.model, key)
         need_encoder = encoder is not None and have.get((adapter_id, WEIGHT_KIND)) != (encoder.name, key)
         if not (need_signature or need_encoder):
+            continue
+        if hidden is not None and hidden != (signatures or encoder).layout.hidden:
+            # a LoRA for a Flux of another width (the playground's 192, say): its weights are not comparable
+            # with this layout's, so it gets no weight vector (zero: not retried) and no problem to report
+            if need_signature:
+                pending[SIGNATURE_KIND].append((adapter_id, key, np.zeros(signatures.dim, np.float32)))
+            if need_encoder:
+                pending[WEIGHT_KIND].append((adapter_id, key, np.zeros(encoder.config.dim, np.float32)))
             continue
         if not inside(os.path.realpath(path), real_roots):
             continue

@@ -100,7 +100,7 @@ def test_search_text_output_says_why(capsys, generated) -> None:
     code, out, _ = loom(capsys, "library", "search", "robot", "-k", "1", *where)
     assert code == 0
     assert out.startswith("1. characters/robot_girl.safetensors")
-    assert "why: matched name: robot" in out and "words #1" in out
+    assert "why: matched name: robot" in out and "words (bm25 " in out
 
 
 ERRORS = [
