@@ -77,13 +77,13 @@ CREATE TRIGGER IF NOT EXISTS adapters_fts_update AFTER UPDATE ON adapters BEGIN
 
 # Upgrades of an existing index, by the version they bring it to. Each runs inside the upgrade's transaction.
 _MIGRATIONS = {
-    # what each LoRA targets (architecture, hidden width, deepest blocks: retrieval/targets.py); clearing
-    # sidecar_key makes the next scan re-read every header (no re-hash: size and mtime are unchanged)
+    # what each LoRA targets (architecture, hidden width, deepest blocks: retrieval/targets.py); a sidecar_key
+    # no folder produces makes the next scan re-read every header (no re-hash: size and mtime are unchanged)
     2: """ALTER TABLE adapters ADD COLUMN target_arch TEXT NOT NULL DEFAULT '';
 ALTER TABLE adapters ADD COLUMN target_hidden INTEGER;
 ALTER TABLE adapters ADD COLUMN target_double INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE adapters ADD COLUMN target_single INTEGER NOT NULL DEFAULT 0;
-UPDATE adapters SET sidecar_key = '';""",
+UPDATE adapters SET sidecar_key = 'reread:schema 2';""",
 }
 
 

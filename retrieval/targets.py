@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 FLUX = "flux"
 _DOWN = re.compile(r"(lora_down|lora_A|\.down)(\.default)?\.weight$")
-_FLUX_KEY = re.compile(r"double_blocks|single_blocks|transformer_blocks|single_transformer_blocks|blocks[._]\d+[._]")
+_FLUX_KEY = re.compile(r"double_blocks|single_blocks|transformer_blocks|^blocks\.\d+\.")
 _DOUBLE = re.compile(r"(?:^|[._])(?:double_blocks|(?<!single_)transformer_blocks)[._](\d+)[._]")
 _SINGLE = re.compile(r"(?:^|[._])(?:single_blocks|single_transformer_blocks)[._](\d+)[._]")
 _TEXT_ENCODER = re.compile(r"^(lora_te\d?_|text_encoders?\.|lora_te_)")
