@@ -66,7 +66,8 @@ class LoomLearnedGate(LoomNode):
                         "layer, channel and token, out = o + sum_i w_out * g_i * delta_i. Each gated adapter is "
                         "computed on its own (slower than stacked LoRAs).",
             inputs=[
-                io.Combo.Input("checkpoint", options=gate_checkpoint_names()),
+                io.Combo.Input("checkpoint", options=gate_checkpoint_names(),
+                               tooltip="a learned gate file from models/loom_gates"),
                 io.String.Input("lora", default="", tooltip=LORA_HELP),
                 LoomGate.Input("gates", optional=True, tooltip="earlier gates; this one is appended"),
             ],
@@ -89,11 +90,12 @@ class LoomPromptSchedule(LoomNode):
                         "gates for the stack rows of the LoRAs it names, the text, and (with CLIP) CONDITIONING "
                         "switching at the same points. Give those rows strength 1; the tag's weight is the gate.",
             inputs=[
-                io.String.Input("prompt", multiline=True, default=""),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="an A1111 / prompt-control prompt with <lora:name:weight> tags"),
                 io.Int.Input("steps", default=0, min=0, max=10000,
                              tooltip="> 0: whole numbers in [a:b:N] are steps out of this many (as prompt-control)"),
                 io.String.Input("blocks", default="", tooltip=BLOCKS_HELP),
-                io.Clip.Input("clip", optional=True),
+                io.Clip.Input("clip", optional=True, tooltip="connect to also get the prompt as CONDITIONING"),
                 LoomGate.Input("gates", optional=True, tooltip="earlier gates; these are appended"),
             ],
             outputs=[LoomGate.Output(display_name="gates"), io.Conditioning.Output(display_name="CONDITIONING"),

@@ -1,9 +1,9 @@
 """``Loom Library Search``: find LoRAs in the user's library by prompt and output them as a stack."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from ..retrieval.comfy_bridge import pick_adapters
+from ..retrieval.comfy_bridge import pick_adapters, pick_summary
 from .checks import LoomNode
 from .types import LoomAdapters, LoraStack
 
@@ -20,7 +20,7 @@ class LoomLibrarySearch(LoomNode):
                         "sha256 so shared workflows find the same files.",
             inputs=[
                 io.String.Input("prompt", multiline=True, default="",
-                                tooltip="what you want: a style, subject or trigger word"),
+                                tooltip="describe the LoRA you want: a style, a subject or a trigger word"),
                 io.Int.Input("top_k", default=3, min=1, max=50, tooltip="how many LoRAs to output"),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
                                tooltip="model and CLIP strength of every picked LoRA"),
@@ -53,7 +53,9 @@ class LoomLibrarySearch(LoomNode):
     def execute(cls, prompt: str, top_k: int, strength: float, base_model: str = "", folder: str = "",
                 include_tags: str = "", exclude_tags: str = "", clip=None, rescan: bool = False) -> io.NodeOutput:
         pick = pick_adapters(prompt, top_k, strength, base_model, folder, include_tags, exclude_tags, clip, rescan)
-        return io.NodeOutput(pick.lora_stack, pick.entries, pick.text, ui=ui.PreviewText(pick.text))
+        # the picks go to the node too, so the web extension shows them on it (and in the region views)
+        return io.NodeOutput(pick.lora_stack, pick.entries, pick.text,
+                             ui={"text": (pick.text,), "loom_picks": pick_summary(pick)})
 
 
 NODES = [LoomLibrarySearch]

@@ -45,9 +45,9 @@ class LoomPlaygroundLatent(LoomNode):
             category="loom/playground",
             description="An empty latent for the playground model (48 channels, a quarter of the image size).",
             inputs=[
-                io.Int.Input("width", default=64, min=16, max=MAX_SIZE, step=16),
-                io.Int.Input("height", default=64, min=16, max=MAX_SIZE, step=16),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("width", default=64, min=16, max=MAX_SIZE, step=16, tooltip="image width in pixels"),
+                io.Int.Input("height", default=64, min=16, max=MAX_SIZE, step=16, tooltip="image height in pixels"),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="how many images at once"),
             ],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
@@ -65,7 +65,7 @@ class LoomPlaygroundDecode(LoomNode):
             display_name="Loom Playground Decode",
             category="loom/playground",
             description="Playground latent -> image, exactly (the playground latent is a pixel rearrangement).",
-            inputs=[io.Latent.Input("samples")],
+            inputs=[io.Latent.Input("samples", tooltip="the sampler's output")],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 
@@ -82,7 +82,7 @@ class LoomPlaygroundEncode(LoomNode):
             display_name="Loom Playground Encode",
             category="loom/playground",
             description="Image -> playground latent, exactly (sides must be multiples of 4).",
-            inputs=[io.Image.Input("pixels")],
+            inputs=[io.Image.Input("pixels", tooltip="the image to turn into a playground latent")],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 

@@ -28,7 +28,8 @@ class LoomRegion(LoomNode):
             description="One region of a regional composition: a box (or a mask), its own prompt and the LoRAs "
                         "that paint it. Chain regions through 'regions'.",
             inputs=[
-                io.String.Input("prompt", multiline=True, default=""),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="what this region shows, in words (with its LoRA's trigger word)"),
                 _box_input("x0", 0.25), _box_input("y0", 0.25), _box_input("x1", 0.75), _box_input("y1", 0.75),
                 io.Boolean.Input("isolate", default=True,
                                  tooltip="keep other regions' image tokens out of this one (concept isolation)"),
@@ -54,7 +55,9 @@ class LoomRegionsCombine(LoomNode):
             display_name="Loom Regions",
             category="loom/regions",
             description="Combine region lists in order (chain several of these for more).",
-            inputs=[LoomRegions.Input(f"regions_{i}", optional=i > 1) for i in range(1, COMBINE_INPUTS + 1)],
+            inputs=[LoomRegions.Input(f"regions_{i}", optional=i > 1,
+                                     tooltip="regions to add, in this order (from Loom Region or Loom Regions)")
+                    for i in range(1, COMBINE_INPUTS + 1)],
             outputs=[LoomRegions.Output(display_name="regions")],
         )
 
@@ -74,26 +77,27 @@ class LoomCompose(LoomNode):
                         "act on its own tokens, attention keeps regions to their prompts. Feed the model "
                         "WITHOUT those LoRAs merged; use MODEL and CONDITIONING with any sampler.",
             inputs=[
-                io.Model.Input("model"),
-                io.Clip.Input("clip"),
-                io.String.Input("global_prompt", multiline=True, default=""),
-                LoomRegions.Input("regions"),
+                io.Model.Input("model", tooltip="the Flux model, WITHOUT the regions' LoRAs merged in"),
+                io.Clip.Input("clip", tooltip="the text encoder that reads the prompts"),
+                io.String.Input("global_prompt", multiline=True, default="",
+                                tooltip="the whole picture in words; each region adds its own prompt"),
+                LoomRegions.Input("regions", tooltip="from Loom Region / Loom Regions: boxes with prompts and LoRAs"),
                 io.Combo.Input("background", options=list(BACKGROUND_MODES), default="global",
                                tooltip="global: background sees every region; isolated: background only sees "
                                        "background; shared: background also reads every region prompt"),
                 io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="blend of unmasked base attention while rules apply (Regional-Prompting-FLUX)"),
+                               tooltip="how much each region still looks at the whole picture while the region rules apply (0: only its own region; higher: smoother seams, more mixing)"),
                 io.Boolean.Input("injection", default=True, tooltip="region prompts reach only their region"),
                 io.Boolean.Input("isolation", default=True, tooltip="regions' image tokens do not see each other"),
                 io.String.Input("rule_blocks", default="all",
-                                tooltip="blocks where the rules apply: 'all' or e.g. 'd0-18 s0-19' (0-based)"),
+                                tooltip="which model blocks keep regions apart: 'all', or e.g. 'd0-18 s0-19' (d = double, s = single blocks, counted from 0)"),
                 io.Float.Input("rules_end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="the rules apply from the start to this fraction of sampling (1.0: every step, "
                                        "LoRA-Composer; ~0.4: early steps only, Regional-Prompting-FLUX)"),
                 io.Boolean.Input("latent_reinit", default=True,
-                                 tooltip="LoRA-Composer: move each concept's best noise window into its box"),
+                                 tooltip="start each region from the starting noise that best suits its concept (LoRA-Composer), so concepts appear where their boxes are"),
                 io.Boolean.Input("refinement", default=False,
-                                 tooltip="LoRA-Composer test-time latent refinement (slow)"),
+                                 tooltip="nudge the picture during the first steps so each concept stays in its box (LoRA-Composer; slow)"),
                 io.Boolean.Input("global_text_adapters", default=True, optional=True,
                                  tooltip="read the global prompt's words with every region's LoRAs (trigger words "
                                          "there mean what the LoRAs taught); off: strict isolation, no region's "
@@ -129,9 +133,9 @@ class LoomRegionPreview(LoomNode):
             display_name="Loom Region Preview",
             category="loom/regions",
             description="An image of the regions on the canvas: boxes or masks, prompts and LoRA names.",
-            inputs=[LoomRegions.Input("regions"),
-                    io.Int.Input("width", default=1024, min=16, max=8192, step=8),
-                    io.Int.Input("height", default=1024, min=16, max=8192, step=8)],
+            inputs=[LoomRegions.Input("regions", tooltip="the regions to draw"),
+                    io.Int.Input("width", default=1024, min=16, max=8192, step=8, tooltip="image width in pixels"),
+                    io.Int.Input("height", default=1024, min=16, max=8192, step=8, tooltip="image height in pixels")],
             outputs=[io.Image.Output(display_name="IMAGE")],
         )
 

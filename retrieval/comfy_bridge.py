@@ -328,6 +328,11 @@ class LibraryPick:
     text: str
 
 
+def pick_summary(pick: LibraryPick) -> list[dict[str, Any]]:
+    """What the node shows of its picks: file, title and fused score of each (JSON-ready)."""
+    return [{"lora": h.relpath, "title": h.title or h.name, "score": round(h.score, 4)} for h in pick.hits]
+
+
 def _tags(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 

@@ -8,14 +8,42 @@ export const STACK_TYPE = "LoomLoraStack";
 export const DRAG_MIME = "application/x-loom-lora";
 
 /** Query parameters for /loom/library/search from the panel's fields; empty fields are left out. */
-export function searchParams({ query = "", k = 20, baseModel = "", folder = "", include = "", exclude = "" } = {}) {
+export function searchParams({ query = "", k = 20, baseModel = "", folder = "", include = "", exclude = "",
+  model = null, fitsOnly = false } = {}) {
   const out = { q: query.trim(), k: String(k) };
+  if (model?.loader) Object.assign(out, { loader: model.loader, model: model.model ?? "" }, fitsOnly ? { fits_only: "1" } : {});
   const tags = (text) => text.split(",").map((t) => t.trim()).filter(Boolean).join(",");
   if (baseModel.trim()) out.base_model = baseModel.trim();
   if (folder.trim()) out.folder = folder.trim().replace(/^\/+|\/+$/g, "");
   if (tags(include)) out.include = tags(include);
   if (tags(exclude)) out.exclude = tags(exclude);
   return out;
+}
+
+export const PAGE = 20;
+
+/** The filters in force, in words (shown with an empty result, so a filter hiding everything is seen). */
+export function activeFilters({ baseModel = "", folder = "", include = "", exclude = "", model = null, fitsOnly = false } = {}) {
+  const out = [];
+  if (baseModel.trim()) out.push(`base model ${baseModel.trim()}`);
+  if (folder.trim()) out.push(`folder ${folder.trim()}`);
+  if (include.trim()) out.push(`tags ${include.trim()}`);
+  if (exclude.trim()) out.push(`without tags ${exclude.trim()}`);
+  if (fitsOnly && model?.loader) out.push(`fits ${model.label || model.loader}`);
+  return out;
+}
+
+/** The panel's status line for an answer: a count (and whether more can be shown), or nothing matched. */
+export function resultSummary(state) {
+  const n = state.hits.length;
+  if (!n) {
+    const filters = activeFilters(state);
+    const what = state.query.trim() ? `nothing matched “${state.query.trim()}”` : "no LoRA in the library";
+    return what + (filters.length ? ` with filters: ${filters.join(", ")}` : "") +
+      (state.closest?.length ? " — closest:" : "");
+  }
+  return `${n}${n >= state.k ? "+" : ""} result${n === 1 ? "" : "s"}` + (state.query.trim() ? ` for “${state.query.trim()}”` : "") +
+    " — drag a card onto a Loom LoRA Stack";
 }
 
 /** Why a hit matched, in words: the matched fields and terms, else the ranking text the server gave. */
@@ -42,6 +70,9 @@ export function cardModel(hit) {
     why: whyText(hit.why),
     score: typeof hit.score === "number" ? hit.score.toFixed(3) : "",
     preview: hit.preview || null,
+    copies: [...(hit.copies ?? [])],
+    fit: hit.fit ?? null,
+    targets: hit.targets || "",
   };
 }
 
@@ -49,7 +80,7 @@ const DETAIL_FIELDS = [
   ["title", "Title"], ["lora", "File"], ["sha256", "sha256"], ["base_model", "Base model"],
   ["architecture", "Architecture"], ["network_module", "Network"], ["network_dim", "Rank"],
   ["network_alpha", "Alpha"], ["output_name", "Output name"], ["trigger_words", "Trigger words"],
-  ["tags", "Tags"], ["description", "Description"], ["notes", "Notes"], ["tensor_count", "Tensors"],
+  ["targets", "Made for"], ["tags", "Tags"], ["description", "Description"], ["notes", "Notes"], ["tensor_count", "Tensors"],
   ["size", "Size"], ["sources", "Read from"], ["problems", "Problems"], ["error", "Error"],
 ];
 

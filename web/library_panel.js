@@ -3,17 +3,25 @@
 // row to a Loom LoRA Stack (the one under the pointer, else the selected one, else a new one at the drop point).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { cardModel, detailRows, dropTarget, rowsWithCard, searchParams, STACK_TYPE } from "./library_cards.js";
+import { el, keepKeys, modelSource } from "./common.js";
+import { activeFilters, cardModel, detailRows, dropTarget, PAGE, resultSummary, rowsWithCard, searchParams, STACK_TYPE } from "./library_cards.js";
 
 const EXTENSION = "loom.LibraryPanel";
 const TAB_ID = "loom-library";
 const DRAG_THRESHOLD = 5; // pixels the pointer moves before a press on a card becomes a drag
-const state = { query: "", baseModel: "", folder: "", include: "", exclude: "", hits: [], message: "" };
+const state = { query: "", baseModel: "", folder: "", include: "", exclude: "", hits: [], closest: [], message: "",
+  k: PAGE, model: null, fitsOnly: true, scanSummary: "" };
 
-function el(tag, props = {}, children = []) {
-  const node = Object.assign(document.createElement(tag), props);
-  for (const child of children) node.append(child);
-  return node;
+/** The stack the panel adds to (the selected one, else the only one) and the model connected to it. */
+function targetModel() {
+  const nodes = app.graph?._nodes ?? [];
+  const selected = Object.values(app.canvas?.selected_nodes ?? {}).filter((n) => n.type === STACK_TYPE);
+  const stacks = nodes.filter((n) => n.type === STACK_TYPE);
+  const stack = selected[0] ?? (stacks.length === 1 ? stacks[0] : null);
+  const source = stack ? modelSource(stack) : null;
+  if (!source) return null;
+  const loaderNode = nodes.find((n) => n.type === source.loader);
+  return { ...source, label: source.model || loaderNode?.title || source.loader };
 }
 
 async function getJson(path, params) {
@@ -68,7 +76,7 @@ function makeDraggable(cardEl, card) {
     const move = (e) => {
       if (!ghost && Math.hypot(e.clientX - down.clientX, e.clientY - down.clientY) < DRAG_THRESHOLD) return;
       if (!ghost) {
-        ghost = el("div", { className: "loom-lib-ghost", textContent: `＋ ${card.title}` });
+        ghost = el("div", { className: "loom-lib-ghost", textContent: `+ ${card.title}` });
         ghost.style.cssText = "position:fixed;z-index:10000;pointer-events:none;padding:4px 8px;border-radius:6px;" +
           "background:var(--comfy-menu-bg,#333);color:var(--input-text,#ddd);border:1px solid #6af;font:12px sans-serif;";
         document.body.append(ghost);
@@ -103,7 +111,16 @@ function chip(text, kind) {
   return c;
 }
 
-function renderCard(card, showDetails) {
+function fitBadge(fit) {
+  if (!fit || fit.ok === null) return null;
+  const badge = el("span", { className: `loom-lib-fit loom-lib-fit-${fit.ok ? "ok" : "no"}`,
+    textContent: fit.ok ? "fits" : "doesn't fit", title: fit.reason });
+  badge.style.cssText = "display:inline-block;padding:0 5px;margin-left:4px;border-radius:8px;font-size:10px;font-weight:normal;" +
+    (fit.ok ? "background:#2d6a3a;color:#fff;" : "background:#8a3b2a;color:#fff;");
+  return badge;
+}
+
+function renderCard(card, showDetails, number = null) {
   const img = card.preview ? el("img", { src: api.apiURL(card.preview), alt: card.title, draggable: false })
     : el("div", { textContent: "no preview" });
   img.className = "loom-lib-preview";
@@ -117,9 +134,16 @@ function renderCard(card, showDetails) {
       : [100, 100];
     addCardToGraph(card, centre, null);
   });
+  const title = el("div", { className: "loom-lib-title" }, [
+    number !== null ? el("span", { className: "loom-lib-rank", textContent: `${number}. ` }) : null,
+    card.title, fitBadge(card.fit)]);
+  const copies = card.copies.length ? el("div", { className: "loom-lib-copies",
+    textContent: `same file also at: ${card.copies.join(", ")}`, title: "byte-identical copies (same sha256)" }) : null;
+  if (copies) copies.style.cssText = "font-size:11px;opacity:.7;";
   const text = el("div", {}, [
-    el("div", { className: "loom-lib-title", textContent: card.title }),
+    title,
     el("div", { className: "loom-lib-file", textContent: card.lora, title: card.sha256 ? `sha256 ${card.sha256}` : "" }),
+    copies,
     el("div", {}, [...card.triggers.map((t) => chip(t, "trigger")), ...card.tags.slice(0, 6).map((t) => chip(t, "tag"))]),
     el("div", { className: "loom-lib-why", textContent: card.why, title: card.why }),
     el("div", {}, [details, add]),
@@ -142,23 +166,31 @@ function renderPanel(root) {
   root.className = "loom-library";
   root.style.cssText = "display:flex;flex-direction:column;gap:6px;padding:8px;font:12px sans-serif;" +
     "color:var(--input-text);height:100%;overflow:auto;box-sizing:border-box;";
-  const field = (name, placeholder, value) => {
-    const input = el("input", { type: "text", placeholder, value, className: `loom-lib-${name}` });
+  const field = (name, placeholder, value, label) => {
+    const input = el("input", { type: "text", placeholder, value, className: `loom-lib-${name}`, title: label });
+    input.setAttribute("aria-label", label);
     input.style.cssText = "width:100%;box-sizing:border-box;padding:3px;";
     return input;
   };
-  const query = field("query", "describe the LoRA you want…", state.query);
-  const baseModel = field("base-model", "base model (e.g. flux1)", state.baseModel);
-  const folder = field("folder", "folder", state.folder);
-  const include = field("include", "tags to include, comma separated", state.include);
-  const exclude = field("exclude", "tags to exclude, comma separated", state.exclude);
+  const query = field("query", "describe the LoRA you want…", state.query, "search by words, meaning or trigger word");
+  const baseModel = field("base-model", "base model (e.g. Flux.1 D, flux1-dev)", state.baseModel, "only LoRAs for this base model");
+  const folder = field("folder", "folder", state.folder, "only LoRAs under this folder of your loras folder");
+  const include = field("include", "tags to include, comma separated", state.include, "tags every LoRA must have");
+  const exclude = field("exclude", "tags to exclude, comma separated", state.exclude, "tags no LoRA may have");
   const filters = el("details", { className: "loom-lib-filters" }, [el("summary", { textContent: "filters" }),
     baseModel, folder, include, exclude]);
-  const rescan = el("button", { className: "loom-lib-rescan", textContent: "rescan" });
+  const fitsOnly = el("input", { type: "checkbox", checked: state.fitsOnly, className: "loom-lib-fits-only" });
+  const modelLine = el("label", { className: "loom-lib-model" }, [fitsOnly, el("span")]);
+  modelLine.style.cssText = "display:flex;gap:4px;align-items:center;font-size:11px;";
+  const rescan = el("button", { className: "loom-lib-rescan", textContent: "rescan", title: "look for new, changed or removed files" });
+  const scanSummary = el("div", { className: "loom-lib-scan", textContent: state.scanSummary });
+  scanSummary.style.cssText = "font-size:11px;color:#9bd;";
   const status = el("div", { className: "loom-lib-status", textContent: state.message });
-  status.style.opacity = "0.7";
+  status.style.opacity = "0.8";
   const results = el("div", { className: "loom-lib-results" });
   results.style.cssText = "display:flex;flex-direction:column;gap:6px;";
+  const more = el("button", { className: "loom-lib-more", textContent: "show more", title: `${PAGE} more results` });
+  const clear = el("button", { className: "loom-lib-clear-filters", textContent: "clear filters" });
   const detailsView = el("div", { className: "loom-lib-details" });
   detailsView.style.display = "none";
   const show = (view) => { // the results list or one LoRA's details
@@ -185,48 +217,75 @@ function renderPanel(root) {
     }
   }
 
+  function showModel() {
+    const label = modelLine.querySelector("span");
+    modelLine.style.display = state.model ? "flex" : "none";
+    if (state.model) label.textContent = `only LoRAs that fit ${state.model.label}${state.modelText ? ` (${state.modelText})` : ""}`;
+  }
+
   function showHits() {
-    results.replaceChildren(...state.hits.map((hit) => renderCard(cardModel(hit), showDetails)));
+    const cards = state.hits.map((hit, i) => renderCard(cardModel(hit), showDetails, i + 1));
+    const closest = !state.hits.length ? (state.closest ?? []).map((hit) => {
+      const card = renderCard(cardModel(hit), showDetails);
+      card.classList.add("loom-lib-closest");
+      card.style.opacity = "0.6";
+      return card;
+    }) : [];
+    results.replaceChildren(...cards, ...closest);
     status.textContent = state.message;
+    status.classList.toggle("loom-lib-empty", !state.hits.length && !!state.message);
+    more.style.display = state.hits.length >= state.k ? "" : "none";
+    clear.style.display = !state.hits.length && activeFilters(state).length ? "" : "none";
+    showModel();
   }
 
   let timer = null;
   let latest = 0; // answers to older searches are dropped
-  async function search() {
+  async function search({ keepPage = false } = {}) {
     clearTimeout(timer);
     const mine = ++latest;
     Object.assign(state, { query: query.value, baseModel: baseModel.value, folder: folder.value,
-      include: include.value, exclude: exclude.value });
+      include: include.value, exclude: exclude.value, fitsOnly: fitsOnly.checked, model: targetModel() });
+    if (!keepPage) state.k = PAGE;
     status.textContent = "searching…";
     try {
       const body = await getJson("search", searchParams(state));
       if (mine !== latest) return;
       state.hits = body.hits ?? [];
-      state.message = `${state.hits.length} result${state.hits.length === 1 ? "" : "s"}` +
-        (state.query ? ` for “${state.query}”` : "") + " — drag a card onto the canvas";
+      state.closest = body.closest ?? [];
+      state.modelText = body.model ?? "";
+      state.message = resultSummary(state);
     } catch (err) {
       if (mine !== latest) return;
-      state.hits = [];
-      state.message = `search failed: ${err.message}`;
+      Object.assign(state, { hits: [], closest: [], message: `search failed: ${err.message}` });
     }
     show(results);
     showHits();
   }
+  const action = () => { state.scanSummary = ""; scanSummary.textContent = ""; }; // the summary stays until then
 
   for (const input of [query, baseModel, folder, include, exclude]) {
-    input.addEventListener("keydown", (e) => {
-      e.stopPropagation(); // keep ComfyUI's shortcuts out of the text box
-      if (e.key === "Enter") search();
-    });
-    input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(search, 350); });
+    keepKeys(input);
+    input.addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
+    input.addEventListener("input", () => { action(); clearTimeout(timer); timer = setTimeout(search, 350); });
   }
+  fitsOnly.addEventListener("change", () => { action(); search(); });
+  more.addEventListener("click", () => { state.k += PAGE; search({ keepPage: true }); });
+  clear.addEventListener("click", () => {
+    for (const input of [baseModel, folder, include, exclude]) input.value = "";
+    fitsOnly.checked = false;
+    search();
+  });
   rescan.addEventListener("click", async () => {
+    action();
     status.textContent = "scanning…";
     try {
       const res = await api.fetchApi("/loom/library/rescan", { method: "POST" });
       const body = await res.json();
       if (!res.ok) throw new Error(body.error || `HTTP ${res.status}`);
-      status.textContent = `${body.total} files (${body.added} added, ${body.removed} removed)`;
+      const errors = body.errors?.length ? `, ${body.errors.length} unreadable` : "";
+      state.scanSummary = `rescan: ${body.total} files (${body.added} added, ${body.updated} updated, ${body.removed} removed${errors})`;
+      scanSummary.textContent = state.scanSummary;
       search();
     } catch (err) {
       status.textContent = `rescan failed: ${err.message}`;
@@ -234,10 +293,11 @@ function renderPanel(root) {
   });
   const bar = el("div", {}, [query]);
   bar.style.cssText = "display:flex;gap:4px;";
-  root.append(el("h3", { textContent: "LoRA Library" }), bar, filters, el("div", {}, [rescan]), status, results,
-    detailsView);
+  root.append(el("h3", { textContent: "LoRA Library" }), bar, filters, modelLine, el("div", {}, [rescan]), scanSummary,
+    status, clear, results, more, detailsView);
+  root.loomSearch = search;
   showHits();
-  if (!state.hits.length) search();
+  search({ keepPage: true });
   query.focus();
 }
 

@@ -153,10 +153,49 @@ export function collectRegions(id, describe, seen = new Set()) {
   return [];
 }
 
-/** A short label for a region: its index, prompt (cut to `max` characters) and LoRA names. */
-export function regionLabel(index, prompt, loras = [], max = 40) {
-  const text = (prompt ?? "").trim().replace(/\s+/g, " ");
-  const cut = text.length > max ? `${text.slice(0, max - 1)}…` : text;
+
+/** The lines Loom Library Search shows for its picks (`[{lora, title, score}]`), or what it shows before a run. */
+export function pickLines(picks) {
+  if (!picks?.length) return ["picks appear here after a run"];
+  return picks.map((p, i) => `${i + 1}. ${p.lora.replace(/^.*\//, "")}${p.title ? ` — ${p.title}` : ""} (score ${Number(p.score).toFixed(3)})`);
+}
+
+/** Pairs [i, j] (0-based, i < j) of regions whose boxes share area; mask regions are left out (no box). */
+export function overlaps(regions) {
+  const out = [];
+  for (let i = 0; i < regions.length; i++) {
+    for (let j = i + 1; j < regions.length; j++) {
+      const a = regions[i], b = regions[j];
+      if (a.mask || b.mask) continue;
+      const w = Math.min(a.box.x1, b.box.x1) - Math.max(a.box.x0, b.box.x0);
+      const h = Math.min(a.box.y1, b.box.y1) - Math.max(a.box.y0, b.box.y0);
+      if (w > 1e-6 && h > 1e-6) out.push([i, j]);
+    }
+  }
+  return out;
+}
+
+/** Words of `text` broken into lines of at most `width` characters (a longer word is split). */
+export function wrapText(text, width) {
+  const lines = [];
+  let line = "";
+  for (let word of text.split(/\s+/).filter(Boolean)) {
+    while (word.length > width) {
+      if (line) { lines.push(line); line = ""; }
+      lines.push(word.slice(0, width));
+      word = word.slice(width);
+    }
+    if (!line) line = word;
+    else if (line.length + 1 + word.length <= width) line += ` ${word}`;
+    else { lines.push(line); line = word; }
+  }
+  if (line) lines.push(line);
+  return lines;
+}
+
+/** A region's label as lines that fit `width` characters: "1. prompt" wrapped, then its LoRAs, nothing cut. */
+export function regionLines(index, prompt, loras = [], width = 40) {
+  const text = (prompt ?? "").trim().replace(/\s+/g, " ") || "(no prompt)";
   const names = loras.map((l) => l.replace(/^.*\//, "").replace(/\.safetensors$/, ""));
-  return `${index + 1}. ${cut || "(no prompt)"}${names.length ? ` [${names.join(", ")}]` : ""}`;
+  return [...wrapText(`${index + 1}. ${text}`, width), ...(names.length ? wrapText(`LoRA: ${names.join(", ")}`, width) : [])];
 }

@@ -5,8 +5,8 @@
 import { app } from "../../scripts/app.js";
 import { parseRows } from "./stack_rows.js";
 import {
-  BOX_KEYS, collectRegions, cursorFor, dragBox, findLatentSize, fitView, hitTest, pixelToPoint, REGION_COLORS,
-  regionLabel,
+  BOX_KEYS, collectRegions, cursorFor, dragBox, findLatentSize, fitView, hitTest, overlaps, pixelToPoint, REGION_COLORS,
+  regionLines,
 } from "./region_boxes.js";
 
 const EXTENSION = "loom.RegionEditor";
@@ -50,9 +50,13 @@ function inputNode(node, name) {
   return slot >= 0 && node.inputs[slot].link != null ? node.getInputNode?.(slot) ?? null : null;
 }
 
-/** The LoRA files of the stack feeding a region's `adapters` input. */
+/** The LoRA files feeding a region's `adapters` input: a stack's rows, or Loom Library Search's last picks. */
 function regionLoras(node) {
   const stack = inputNode(node, "adapters");
+  if (stack?.type === "LoomLibrarySearch") {
+    const picks = stack.properties?.loom_picks;
+    return picks?.length ? picks.map((p) => p.lora) : ["(Library Search: picked when run)"];
+  }
   if (stack?.type !== "LoomLoraStack") return [];
   try {
     return parseRows(widget(stack, "rows")?.value ?? "").filter((r) => r.on).map((r) => r.lora);
@@ -97,15 +101,19 @@ function drawRegion(ctx, view, region, index, { active = false, faint = false } 
   ctx.globalAlpha = faint ? 0.6 : 1;
   ctx.fillStyle = "#fff";
   ctx.font = "11px sans-serif";
-  const label = regionLabel(index, region.prompt, region.loras, Math.max(8, Math.floor(w / 7)));
+  // the label wraps to the box's width; lines that do not fit its height are listed under the canvas instead
+  const perChar = Math.max(4, ctx.measureText("abcdefghij").width / 10);
+  const lines = regionLines(index, region.prompt, region.loras, Math.max(6, Math.floor((w - 8) / perChar)));
+  if (region.mask) lines.push("mask input (overrides the box)");
+  const room = Math.max(1, Math.floor((h - 4) / 13));
   ctx.save();
   ctx.beginPath();
   ctx.rect(x, y, w, h);
   ctx.clip();
-  ctx.fillText(label, x + 4, y + 13);
-  if (region.mask) ctx.fillText("mask input (overrides the box)", x + 4, y + 27);
+  lines.slice(0, room).forEach((line, i) => ctx.fillText(line, x + 4, y + 13 + 13 * i));
   ctx.restore();
   ctx.globalAlpha = 1;
+  return lines.length <= room;
 }
 
 function drawBackground(ctx, view, size) {
@@ -210,24 +218,37 @@ function attachRegionEditor(node) {
   if (node.size && node.size[0] < 340) node.setSize?.([340, node.size[1]]);
 }
 
+const VIEW_NOTE_HEIGHT = 64;
+
 function attachComposeView(node) {
   if (node.loomCompose) return;
   const surface = makeSurface("loom-compose-view");
-  const legend = document.createElement("div");
-  legend.className = "loom-compose-legend";
-  legend.style.cssText = "position:absolute;right:6px;bottom:4px;font:10px sans-serif;color:#bbb;text-align:right;pointer-events:none;";
-  surface.root.append(legend);
+  surface.root.style.height = `${EDITOR_HEIGHT + VIEW_NOTE_HEIGHT}px`;
+  surface.canvas.style.height = `${EDITOR_HEIGHT}px`;
+  const note = document.createElement("div");
+  note.className = "loom-compose-legend";
+  note.style.cssText = `height:${VIEW_NOTE_HEIGHT}px;overflow:auto;font:11px sans-serif;color:#bbb;padding:2px 4px;box-sizing:border-box;`;
+  surface.root.append(note);
   surface.canvas.style.cursor = "default";
+  surface.canvas.title = "a view of the regions feeding this node; edit each box on its Loom Region node";
   const draw = () => {
     const ctx = surface.prepare(node);
     drawBackground(ctx, surface.view, surface.size);
     const regions = collectRegions(node.id, describe(node.graph ?? app.graph));
-    regions.forEach((r, i) => drawRegion(ctx, surface.view, r, i));
-    legend.textContent = regions.length ? `${regions.length} region${regions.length > 1 ? "s" : ""}` : "no regions connected";
+    const hidden = regions.map((r, i) => drawRegion(ctx, surface.view, r, i) ? null : i).filter((i) => i !== null);
+    const clashes = overlaps(regions);
+    const lines = [regions.length ? `View only (${regions.length} region${regions.length > 1 ? "s" : ""}): edit a box on its Loom Region node.`
+      : "View only: no regions connected."];
+    for (const [i, j] of clashes) lines.push(`⚠ regions ${i + 1} and ${j + 1} overlap: both prompts and LoRAs act where they meet.`);
+    for (const i of hidden) lines.push(regionLines(i, regions[i].prompt, regions[i].loras, 200).join(" — "));
+    note.replaceChildren(...lines.map((text) => Object.assign(document.createElement("div"),
+      { textContent: text, className: text.startsWith("⚠") ? "loom-compose-overlap" : "" })));
+    note.querySelectorAll(".loom-compose-overlap").forEach((d) => { d.style.color = "#fb6"; });
     return regions;
   };
   node.addDOMWidget("regions_view", "loom_regions_view", surface.root, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => EDITOR_HEIGHT, getMaxHeight: () => EDITOR_HEIGHT,
+    serialize: false, hideOnZoom: false, getMinHeight: () => EDITOR_HEIGHT + VIEW_NOTE_HEIGHT,
+    getMaxHeight: () => EDITOR_HEIGHT + VIEW_NOTE_HEIGHT,
   });
   node.loomCompose = { draw, surface };
 }

@@ -4,6 +4,7 @@
 // its hash, in a message that stays until closed. Nothing is ever replaced by a different LoRA.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { el } from "./common.js";
 import { renameBySha256 } from "./stack_rows.js";
 import { loraReferences, missingMessage, missingReferences, resolvedMessage } from "./workflow_loras.js";
 
@@ -37,10 +38,26 @@ function pointAt(node, ref, found) {
   }
 }
 
+/** A message that stays until closed, at the bottom left of the canvas: ComfyUI's toasts open top right, over
+ *  the Run button, and an error toast stays there until closed. */
+function notice(summary, detail) {
+  document.querySelector(".loom-notice")?.remove();
+  const close = el("button", { textContent: "✕", title: "close", className: "loom-notice-close" });
+  const box = el("div", { className: "loom-notice", role: "alert" }, [
+    close, el("strong", { textContent: summary }), el("pre", { textContent: detail }),
+    el("div", { textContent: "The rows are marked on their Loom LoRA Stack nodes, with what to do next." })]);
+  box.style.cssText = "position:fixed;left:64px;bottom:48px;z-index:1000;max-width:560px;padding:8px 10px;" +
+    "background:var(--comfy-menu-bg,#222);color:var(--input-text,#ddd);border:1px solid #e55;border-radius:6px;" +
+    "font:12px sans-serif;box-shadow:0 2px 8px #0008;";
+  box.querySelector("pre").style.cssText = "white-space:pre-wrap;margin:4px 0;font:11px monospace;";
+  close.style.cssText = "float:right;margin-left:8px;";
+  close.addEventListener("click", () => box.remove());
+  document.body.append(box);
+}
+
 function notify(severity, summary, detail) {
-  const toast = app.extensionManager?.toast;
-  if (toast?.add) toast.add({ severity, summary, detail, ...(severity === "error" ? {} : { life: 8000 }) });
-  else if (severity === "error") alert(`${summary}\n${detail}`);
+  if (severity === "error") return notice(summary, detail);
+  app.extensionManager?.toast?.add?.({ severity, summary, detail, life: 8000 });
 }
 
 /** Check the loaded graph; returns {missing, resolved} (also kept on app.loomWorkflowLoras for inspection). */

@@ -31,7 +31,7 @@ test("cardModel shows title, file, folder, triggers, why and preview", () => {
   assert.deepEqual(card, {
     lora: HIT.lora, sha256: SHA, title: "Loom demo: red", file: "loom_demo_red.safetensors", folder: "styles",
     baseModel: "flux1", triggers: ["loomred"], tags: ["red", "demo"], why: "matched name: red; tags: red",
-    score: "0.031", preview: "/loom/library/preview?ref=x",
+    score: "0.031", preview: "/loom/library/preview?ref=x", copies: [], fit: null, targets: "",
   });
   const bare = cardModel({ lora: "plain.safetensors" });
   assert.equal(bare.title, "plain.safetensors");

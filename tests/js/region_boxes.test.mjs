@@ -3,7 +3,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import {
   collectRegions, cursorFor, dragBox, findLatentSize, fitView, hitTest, MIN_SIZE, normalizeBox, pixelToPoint,
-  regionLabel, snap,
+  overlaps, pickLines, regionLines, snap, wrapText,
 } from "../../web/region_boxes.js";
 
 const VIEW = { left: 10, top: 20, width: 200, height: 100 };
@@ -94,8 +94,27 @@ test("collectRegions follows chains and Loom Regions inputs in order, without lo
   assert.deepEqual(collectRegions(null, describe), []);
 });
 
-test("regionLabel shows index, cut prompt and LoRA names", () => {
-  assert.equal(regionLabel(0, "a red   fox", ["styles/loom_demo_red.safetensors"]), "1. a red fox [loom_demo_red]");
-  assert.equal(regionLabel(2, "", []), "3. (no prompt)");
-  assert.equal(regionLabel(1, "abcdefghij", [], 5), "2. abcd…");
+test("regionLines wraps the prompt and the LoRA names to the width, cutting nothing", () => {
+  assert.deepEqual(regionLines(0, "a red   fox", ["styles/loom_demo_red.safetensors"]), ["1. a red fox", "LoRA: loom_demo_red"]);
+  assert.deepEqual(regionLines(2, "", []), ["3. (no prompt)"]);
+  const lines = regionLines(0, "a blue ring on the left", ["playground_ring.safetensors"], 12);
+  assert.deepEqual(lines, ["1. a blue", "ring on the", "left", "LoRA:", "playground_r", "ing"]);
+  assert.equal(lines.join("").replace(/\s/g, ""), "1.ablueringontheleftLoRA:playground_ring");
+});
+
+test("wrapText splits words longer than a line", () => {
+  assert.deepEqual(wrapText("abcdefgh ij", 3), ["abc", "def", "gh", "ij"]);
+});
+
+test("overlaps names the pairs of boxes that share area, not those that only touch", () => {
+  const box = (x0, y0, x1, y1) => ({ box: { x0, y0, x1, y1 } });
+  assert.deepEqual(overlaps([box(0, 0, 0.5, 1), box(0.5, 0, 1, 1)]), []);
+  assert.deepEqual(overlaps([box(0, 0, 0.6, 1), box(0.5, 0, 1, 1), box(0.9, 0.9, 1, 1)]), [[0, 1], [1, 2]]);
+  assert.deepEqual(overlaps([{ ...box(0, 0, 1, 1), mask: true }, box(0, 0, 1, 1)]), []);
+});
+
+test("pickLines numbers Loom Library Search's picks with their scores", () => {
+  assert.deepEqual(pickLines([{ lora: "a/playground_ring.safetensors", title: "Playground ring", score: 0.03278 }]),
+    ["1. playground_ring.safetensors — Playground ring (score 0.033)"]);
+  assert.deepEqual(pickLines([]), ["picks appear here after a run"]);
 });
