@@ -148,6 +148,7 @@ def fit_loras(query: dict[str, str]) -> dict[str, Any]:
         raise RouteError(400, "pass loader= (the model loader node's type) and model= (its file name)")
     refs = [_reference(r, "refs") for r in (query.get("refs") or "").split(",") if r.strip()]
     library = server_library(plain=True)
+    ensure_scanned(library, ui_progress())
     fits = {}
     for ref in refs:
         found = library.details(ref)

@@ -7,6 +7,7 @@ as a ComfyUI IMAGE ``[1, H, W, 3]`` float32 in [0, 1].
 from __future__ import annotations
 
 import logging
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -52,8 +53,14 @@ def combine_regions(*groups: Sequence[ComposedRegion] | None) -> tuple[ComposedR
 def _label(region: ComposedRegion, index: int) -> str:
     prompt = " ".join(region.region.prompt.split())
     prompt = prompt if len(prompt) <= MAX_LABEL else prompt[:MAX_LABEL - 1] + "…"
-    names = ", ".join(e.name.rsplit("/", 1)[-1] for e in region.entries)
-    return f"{index}: {prompt}" + (f" [{names}]" if names else "")
+    names = ", ".join(e.name.rsplit("/", 1)[-1].removesuffix(".safetensors") for e in region.entries)
+    return f"{index + 1}. {prompt}" + (f" [LoRA: {names}]" if names else "")
+
+
+def _label_lines(text: str, width_px: int, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont) -> list[str]:
+    """``text`` wrapped to ``width_px`` (long words split), so a label never runs out of its region."""
+    char = max(1.0, draw.textlength("abcdefghij", font=font) / 10)
+    return textwrap.wrap(text, max(4, int((width_px - 6) / char)), break_long_words=True) or [""]
 
 
 def preview_image(regions: Sequence[ComposedRegion], width: int, height: int) -> torch.Tensor:
@@ -85,9 +92,10 @@ def preview_image(regions: Sequence[ComposedRegion], width: int, height: int) ->
             rect = (x0 * width, y0 * height, x1 * width - 1, y1 * height - 1)
             draw.rectangle(rect, fill=colour + (50,), outline=colour + (255,), width=line)
             anchor = (int(rect[0]), int(rect[1]))
-        text = _label(composed, i)
-        box = draw.textbbox((anchor[0] + 3, anchor[1] + 3 + 12 * 0), text, font=font)
-        draw.rectangle(box, fill=(0, 0, 0, 170))
-        draw.text((anchor[0] + 3, anchor[1] + 3), text, fill=colour + (255,), font=font)
+        room = int((x1 - x0) * width) if region.mask is None else width - anchor[0]
+        for row, text in enumerate(_label_lines(_label(composed, i), room, draw, font)):
+            at = (anchor[0] + 3, anchor[1] + 3 + 12 * row)
+            draw.rectangle(draw.textbbox(at, text, font=font), fill=(0, 0, 0, 170))
+            draw.text(at, text, fill=colour + (255,), font=font)
     image = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

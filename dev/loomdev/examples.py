@@ -1,15 +1,21 @@
 """(Re)generate the shared workflows in example_workflows/ from a running server's /object_info.
 
 ``python -m loomdev.examples`` starts a server, builds each workflow with :class:`GraphBuilder` (UI format, widget
-values ordered exactly as the frontend expects), and writes the JSON files that are committed.
+values ordered exactly as the frontend expects), lays it out (:func:`layout`: columns by depth, no overlap), adds a
+note saying what it shows and a view that opens at a readable zoom, and writes the JSON files that are committed.
+``python -m loomdev.thumbnails`` then runs each one and writes its thumbnail from the real output.
+
+Every example runs on the playground world (``playground/``: a tiny Flux that draws shapes, with concept LoRAs),
+so its output shows its point. The concept LoRAs are named here once (:data:`CONCEPTS`), through helpers, so other
+concepts drop in by changing that table.
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .demo_loras import demo_sha256
-from .fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 from .paths import REPO
 from .playground_loras import playground_sha256
 from .server import ComfyServer, prepare_workspace
@@ -20,235 +26,324 @@ log = logging.getLogger(__name__)
 EXAMPLES = REPO / "example_workflows"
 
 
-def demo(info: dict) -> dict:
-    """The demo text-to-image graph on the demo Flux, with a Loom LoRA Stack between loader and sampler."""
-    g = GraphBuilder(info)
-    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
-    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
-    stack = g.add("LoomLoraStack", (400, 40), title="Loom LoRA Stack")
-    pos = g.add("CLIPTextEncode", (760, 40), text="a red circle and a blue square on a white background")
-    neg = g.add("CLIPTextEncode", (760, 260), text="")
-    latent = g.add("EmptySD3LatentImage", (760, 460), width=128, height=128, batch_size=1)
-    sampler = g.add("KSampler", (1120, 40), seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
-                    denoise=1.0)
-    vae = g.add("VAELoader", (1120, 420), vae_name=VAE_FILE)
-    decode = g.add("VAEDecode", (1480, 40))
-    save = g.add("SaveImage", (1720, 40), filename_prefix="loom_demo")
-    g.connect(unet, 0, stack, "model")
-    g.connect(clip, 0, stack, "clip")
-    g.connect(stack, 1, pos, "clip")
-    g.connect(stack, 1, neg, "clip")
-    g.connect(stack, 0, sampler, "model")
-    g.connect(pos, 0, sampler, "positive")
-    g.connect(neg, 0, sampler, "negative")
-    g.connect(latent, 0, sampler, "latent_image")
-    g.connect(sampler, 0, decode, "samples")
-    g.connect(vae, 0, decode, "vae")
-    g.connect(decode, 0, save, "images")
-    return g.workflow()
+@dataclass(frozen=True)
+class Concept:
+    """A playground concept LoRA: its file, and a prompt that draws it (with where, when it has a place)."""
+
+    lora: str
+    prompt: str
 
 
-RED, BLUE = "loom_demo_red.safetensors", "loom_demo_blue.safetensors"
+CONCEPTS = {
+    "ring": Concept("playground_ring.safetensors", "a blue ring on the left"),
+    "stripes": Concept("playground_stripes.safetensors", "a yellow striped triangle on the right"),
+    "star": Concept("playground_star.safetensors", "a red star in the center"),
+}
+LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
+SEED, STEPS, CFG = 3, 20, 3.0
+ENLARGE = 4.0  # the 64x64 playground images are saved 4x enlarged (nearest), so they read at a glance
+
+# --------------------------------------------------------------------------------------------- layout
+# Width and height each node type takes once the frontend has drawn it (widgets, editors, image previews), with
+# room to spare; used to place nodes without overlap. The browser test checks the drawn sizes.
+NODE_SIZES = {
+    "Note": (420, 300), "LoomPlaygroundModel": (280, 90), "LoomLoraStack": (480, 300), "LoomRegion": (360, 720),
+    "LoomCompose": (380, 1000), "LoomLibrarySearch": (380, 560), "CLIPTextEncode": (400, 240),
+    "LoomPlaygroundLatent": (300, 150), "KSampler": (320, 300), "LoomPlaygroundDecode": (260, 70),
+    "ImageStitch": (300, 180), "ImageScaleBy": (300, 100), "SaveImage": (420, 560), "LoomRegionPreview": (300, 120),
+    "LoomGateSchedule": (380, 560), "LoomCLoraConcept": (380, 460), "LoomCLora": (380, 700),
+    "LoomCLoraMasks": (300, 130),
+}
+STACK_ROW_HEIGHT = 34
+GAP_X, GAP_Y = 80, 50
+VIEW = {"scale": 0.8, "offset": [40, 40]}  # opens with the note and the first columns readable
 
 
-def stack_rows(lora: str, strength: float = 1.0, sha256: str | None = None) -> str:
-    """A Loom LoRA Stack's rows JSON with one LoRA pinned to its sha256 (as the stack editor writes it); the
-    demo LoRA's hash unless ``sha256`` is given."""
-    pinned = sha256 or demo_sha256(lora)
-    return json.dumps([{"lora": lora, "on": True, "strength": strength, "sha256": pinned}], indent=1)
+def node_size(node: dict) -> tuple[int, int]:
+    """The size :func:`layout` reserves for ``node``."""
+    width, height = NODE_SIZES.get(node["type"], (320, 220))
+    if node["type"] == "LoomLoraStack":
+        height += STACK_ROW_HEIGHT * len(json.loads(node["widgets_values"][0] or "[]"))
+    return width, height
 
 
-def region_chain(g: GraphBuilder, model: int, regions: tuple, title: str = "LoRA for region") -> int:
+def layout(g: GraphBuilder) -> None:
+    """Place every node: column = longest path from a source (the note first), top to bottom in the order the
+    nodes were added; sizes from :func:`node_size`, so no two nodes overlap."""
+    depth = {n["id"]: 0 for n in g.nodes}
+    for _ in g.nodes:  # longest path by relaxation (graphs here are small and acyclic)
+        for link in g.links:
+            depth[link[3]] = max(depth[link[3]], depth[link[1]] + 1)
+    columns: dict[int, list[dict]] = {}
+    for node in g.nodes:
+        columns.setdefault(depth[node["id"]], []).append(node)
+    x = 0
+    for column in sorted(columns):
+        nodes = columns[column]
+        y = 0
+        for node in nodes:
+            width, height = node_size(node)
+            node["pos"], node["size"] = [x, y], [width, height]
+            y += height + GAP_Y
+        x += max(node_size(n)[0] for n in nodes) + GAP_X
+
+
+# ------------------------------------------------------------------------------------ graph pieces
+def rows_json(*loras: str, strength: float = 1.0) -> str:
+    """A Loom LoRA Stack's rows JSON, each LoRA pinned to its sha256 (as the stack editor writes it)."""
+    return json.dumps([{"lora": lora, "on": True, "strength": strength, "sha256": playground_sha256(lora)}
+                       for lora in loras], indent=1)
+
+
+def note(g: GraphBuilder, title: str, text: str) -> int:
+    """A note node (frontend-only: never sent to the server) that says what the workflow shows."""
+    node_id = len(g.nodes) + 1
+    g.nodes.append({"id": node_id, "type": "Note", "pos": [0, 0], "size": [420, 300], "flags": {}, "order": 0,
+                    "mode": 0, "inputs": [], "outputs": [], "title": title, "properties": {},
+                    "widgets_values": [text], "color": "#432", "bgcolor": "#653"})
+    return node_id
+
+
+def wire(g: GraphBuilder, *links: tuple[int, int, int, str]) -> None:
+    for src, slot, dst, name in links:
+        g.connect(src, slot, dst, name)
+
+
+def sample(g: GraphBuilder, model: int, clip: int, positive: int, positive_slot: int = 0,
+           title: str = "") -> tuple[int, int]:
+    """Latent, negative prompt, KSampler and decode for the playground; returns (sampler, decoded image)."""
+    neg = prompt(g, clip, "", "Negative (empty)")
+    latent = g.add("LoomPlaygroundLatent", (0, 0), width=64, height=64, batch_size=1)
+    sampler = g.add("KSampler", (0, 0), title=title or None, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler",
+                    scheduler="simple", denoise=1.0)
+    decode = g.add("LoomPlaygroundDecode", (0, 0))
+    wire(g, (model, 0, sampler, "model"), (positive, positive_slot, sampler, "positive"),
+         (neg, 0, sampler, "negative"), (latent, 0, sampler, "latent_image"), (sampler, 0, decode, "samples"))
+    return sampler, decode
+
+
+def prompt(g: GraphBuilder, clip: int, text: str, title: str = "Prompt", slot: int = 1) -> int:
+    """CLIP Text Encode of ``text`` reading the CLIP at output ``slot`` of ``clip`` (playground model: 1, stack: 1)."""
+    node = g.add("CLIPTextEncode", (0, 0), title=title, text=text)
+    g.connect(clip, slot, node, "clip")
+    return node
+
+
+def side_by_side(g: GraphBuilder, left: int, right: int, prefix: str, title: str, right_slot: int = 0,
+                 right_full_size: bool = False) -> int:
+    """``left`` | ``right`` (IMAGE outputs; ``right``'s at ``right_slot``) stitched with a white gap and saved
+    under ``prefix``, 64x64 samples enlarged :data:`ENLARGE` times; ``right_full_size``: ``right`` is drawn at
+    the enlarged size already (a region preview), so only ``left`` is enlarged."""
+    stitch = g.add("ImageStitch", (0, 0), title=title, direction="right", match_image_size=True, spacing_width=4,
+                   spacing_color="white")
+    enlarge = g.add("ImageScaleBy", (0, 0), upscale_method="nearest-exact", scale_by=ENLARGE)
+    save = g.add("SaveImage", (0, 0), title=f"Result: {title}", filename_prefix=prefix)
+    if right_full_size:
+        wire(g, (left, 0, enlarge, "image"), (enlarge, 0, stitch, "image1"), (right, right_slot, stitch, "image2"),
+             (stitch, 0, save, "images"))
+    else:
+        wire(g, (left, 0, stitch, "image1"), (right, right_slot, stitch, "image2"), (stitch, 0, enlarge, "image"),
+             (enlarge, 0, save, "images"))
+    return save
+
+
+def region_chain(g: GraphBuilder, model: int, regions: tuple[tuple[str, str, tuple], ...],
+                 title: str = "LoRA for region") -> int:
     """One Loom LoRA Stack (``rows`` JSON) feeding one Loom Region (``prompt``, ``box``) per item of ``regions``,
     the regions chained in order; returns the last Loom Region."""
     previous = None
-    for i, (rows, prompt, box) in enumerate(regions):
-        stack = g.add("LoomLoraStack", (400, 40 + 600 * i), title=f"{title} {i + 1}", rows=rows)
-        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
+    for i, (rows, text, box) in enumerate(regions):
+        stack = g.add("LoomLoraStack", (0, 0), title=f"{title} {i + 1}", rows=rows)
+        region = g.add("LoomRegion", (0, 0), title=f"Region {i + 1}", prompt=text,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.nodes[stack - 1]["size"] = [440, 260]
-        g.nodes[region - 1]["size"] = [340, 540]
-        g.connect(model, 0, stack, "model")
-        g.connect(stack, 2, region, "adapters")
+        wire(g, (model, 0, stack, "model"), (stack, 2, region, "adapters"))
         if previous is not None:
             g.connect(previous, 0, region, "regions")
         previous = region
     return previous
 
 
-def sample_and_save(g: GraphBuilder, model: int, clip: int, positive: int, prefix: str, x: float = 2020,
-                    width: int = 128, height: int = 128) -> int:
-    """Empty latent, KSampler (4 steps, cfg 1), VAE decode and save; returns the latent node."""
-    neg = g.add("CLIPTextEncode", (x - 360, 700), text="")
-    latent = g.add("EmptySD3LatentImage", (x - 360, 920), width=width, height=height, batch_size=1)
-    sampler = g.add("KSampler", (x, 40), seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
-                    denoise=1.0)
-    vae = g.add("VAELoader", (x, 420), vae_name=VAE_FILE)
-    decode = g.add("VAEDecode", (x + 360, 40))
-    save = g.add("SaveImage", (x + 700, 40), filename_prefix=prefix)
-    g.connect(clip, 0, neg, "clip")
-    g.connect(model, 0, sampler, "model")
-    g.connect(positive, 1 if g.nodes[positive - 1]["type"] in ("LoomCompose", "LoomCLora") else 0, sampler,
-              "positive")
-    g.connect(neg, 0, sampler, "negative")
-    g.connect(latent, 0, sampler, "latent_image")
-    g.connect(sampler, 0, decode, "samples")
-    g.connect(vae, 0, decode, "vae")
-    g.connect(decode, 0, save, "images")
-    return latent
+def concept_regions(g: GraphBuilder, model: int, names: tuple[str, ...], boxes: tuple[tuple, ...]) -> int:
+    """:func:`region_chain` with one concept LoRA per region (``names`` keys of :data:`CONCEPTS`)."""
+    return region_chain(g, model, tuple((rows_json(CONCEPTS[n].lora), CONCEPTS[n].prompt, box)
+                                        for n, box in zip(names, boxes)), "Concept LoRA for region")
 
 
-def compose_regions(g: GraphBuilder, unet: int, clip: int, regions: int, prompt: str, prefix: str) -> int:
-    """Loom Compose over ``regions``, sampled and saved, plus a Loom Region Preview image; returns Compose."""
-    compose = g.add("LoomCompose", (1300, 40), global_prompt=prompt, rules_end_percent=0.5)
-    g.nodes[compose - 1]["size"] = [340, 600]
-    g.connect(unet, 0, compose, "model")
-    g.connect(clip, 0, compose, "clip")
-    g.connect(regions, 0, compose, "regions")
-    sample_and_save(g, compose, clip, compose, prefix)
-    preview = g.add("LoomRegionPreview", (2380, 700), width=128, height=128)
-    save_preview = g.add("SaveImage", (2720, 700), filename_prefix=prefix + "_regions")
-    g.connect(regions, 0, preview, "regions")
-    g.connect(preview, 0, save_preview, "images")
-    return compose
+def compose(g: GraphBuilder, base: int, regions: int, text: str) -> int:
+    node = g.add("LoomCompose", (0, 0), global_prompt=text)
+    wire(g, (base, 0, node, "model"), (base, 1, node, "clip"), (regions, 0, node, "regions"))
+    return node
 
 
-def two_regions(info: dict) -> dict:
-    """Two boxes side by side, each with its own prompt and demo LoRA (loaded by a Loom LoRA Stack, not
-    merged), composed in one pass by Loom Compose."""
+def finish(g: GraphBuilder, title: str, text: str) -> dict:
+    note(g, title, text)
+    g.nodes.insert(0, g.nodes.pop())  # the note first: column 0, top
+    layout(g)
+    return g.workflow({"ds": VIEW})
+
+
+def two_concepts_prompt(a: str = "ring", b: str = "stripes") -> str:
+    """The global prompt naming both concepts where they are, e.g. 'a blue ring on the left and a yellow ...'."""
+    return f"{CONCEPTS[a].prompt} and {CONCEPTS[b].prompt}"
+
+
+# ------------------------------------------------------------------------------------------ examples
+def playground(info: dict) -> dict:
+    """Two concept LoRAs the base model never merged, each in its own half, composed by Loom Compose; the
+    result beside a preview of the regions."""
     g = GraphBuilder(info)
-    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
-    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
-    previous = region_chain(g, unet, ((stack_rows(RED), "loomred a red fox", (0.0, 0.1, 0.5, 0.9)),
-                                      (stack_rows(BLUE), "loomblue a blue bird", (0.5, 0.1, 1.0, 0.9))))
-    compose_regions(g, unet, clip, previous, "a meadow at noon", "loom_two_regions")
-    return g.workflow()
+    base = g.add("LoomPlaygroundModel", (0, 0))
+    regions = concept_regions(g, base, ("ring", "stripes"), (LEFT, RIGHT))
+    composed = compose(g, base, regions, two_concepts_prompt())
+    _, image = sample(g, composed, base, composed, 1, title="Sample with the composed model")
+    enlarge = g.add("ImageScaleBy", (0, 0), upscale_method="nearest-exact", scale_by=ENLARGE)
+    save = g.add("SaveImage", (0, 0), title="Result: composed", filename_prefix="loom_playground")
+    preview = g.add("LoomRegionPreview", (0, 0), width=256, height=256)
+    save_preview = g.add("SaveImage", (0, 0), title="The regions asked for", filename_prefix="loom_playground_regions")
+    wire(g, (image, 0, enlarge, "image"), (enlarge, 0, save, "images"), (regions, 0, preview, "regions"),
+         (preview, 0, save_preview, "images"))
+    return finish(g, "Playground: two LoRAs in two regions", (
+        "The playground Flux (trained in this repository on drawn shapes) never saw a ring or stripes: two concept "
+        "LoRAs teach them.\n\nLoom Compose applies each LoRA only inside its region (ring left, stripes right) in "
+        "one pass per step.\n\nResults: the picture, and the regions it was asked for."))
+
+
+def regions_vs_merge(info: dict) -> dict:
+    """The same two LoRAs merged into the model (the usual way) and composed by regions, side by side."""
+    g = GraphBuilder(info)
+    base = g.add("LoomPlaygroundModel", (0, 0))
+    both = g.add("LoomLoraStack", (0, 0), title="Both LoRAs merged", rows=rows_json(CONCEPTS["ring"].lora,
+                                                                                    CONCEPTS["stripes"].lora))
+    wire(g, (base, 0, both, "model"), (base, 1, both, "clip"))
+    text = two_concepts_prompt()
+    merged_prompt = prompt(g, both, text, "Prompt (merged)")
+    _, merged = sample(g, both, base, merged_prompt, title="Sample: merged")
+    regions = concept_regions(g, base, ("ring", "stripes"), (LEFT, RIGHT))
+    composed = compose(g, base, regions, text)
+    _, regional = sample(g, composed, base, composed, 1, title="Sample: regions")
+    side_by_side(g, merged, regional, "loom_regions_vs_merge", "Merged | regions")
+    return finish(g, "Regions vs merge", (
+        "Same prompt, seed and LoRAs, two ways:\n\nLeft: both LoRAs merged into the model, so each acts on the "
+        "whole picture (where LoRAs interfere, one concept takes over the other).\n\nRight: Loom Compose applies "
+        "each LoRA only in its own region.\n\nResult: merged | regions."))
+
+
+def clora(info: dict) -> dict:
+    """CLoRA without drawn regions: each LoRA steered to its concept word, fused by attention masks; the
+    picture beside the masks it found."""
+    g = GraphBuilder(info)
+    base = g.add("LoomPlaygroundModel", (0, 0))
+    text = two_concepts_prompt()
+    previous = None
+    for i, (name, word) in enumerate((("ring", "ring"), ("stripes", "triangle"))):
+        stack = g.add("LoomLoraStack", (0, 0), title=f"LoRA {i + 1}", rows=rows_json(CONCEPTS[name].lora))
+        item = g.add("LoomCLoraConcept", (0, 0), title=f"Concept {i + 1}: {word}", prompt=text, concept=word)
+        wire(g, (base, 0, stack, "model"), (stack, 2, item, "adapters"))
+        if previous is not None:
+            g.connect(previous, 0, item, "concepts")
+        previous = item
+    node = g.add("LoomCLora", (0, 0), base_prompt=text)
+    wire(g, (base, 0, node, "model"), (base, 1, node, "clip"), (previous, 0, node, "concepts"))
+    sampler, image = sample(g, node, base, node, 1, title="Sample with CLoRA")
+    masks = g.add("LoomCLoraMasks", (0, 0))
+    wire(g, (node, 2, masks, "clora"), (sampler, 0, masks, "samples"))
+    side_by_side(g, image, masks, "loom_clora", "CLoRA | its masks", right_slot=1)
+    return finish(g, "CLoRA: two LoRAs and their masks", (
+        "No boxes drawn: CLoRA finds where each concept word is from attention, keeps the concepts apart in the "
+        "first steps and fuses each LoRA's prediction with its mask.\n\nResult: the picture | the masks CLoRA "
+        "found (one colour per LoRA)."))
+
+
+def gate_schedules(info: dict) -> dict:
+    """One LoRA, two gate schedules: on for the first steps only (the shape forms) vs the last steps only."""
+    g = GraphBuilder(info)
+    base = g.add("LoomPlaygroundModel", (0, 0))
+    concept = CONCEPTS["ring"]
+    text = concept.prompt.replace(" on the left", " in the center")
+    images = []
+    for title, keyframes in (("Early: first 40% of steps", "0:1, 0.4:0"), ("Late: last 60% of steps", "0:0, 0.4:1")):
+        gate = g.add("LoomGateSchedule", (0, 0), title=f"Gate: {title}", lora=concept.lora, keyframes=keyframes,
+                     interpolation="hold", preview_steps=STEPS)
+        stack = g.add("LoomLoraStack", (0, 0), title=f"Gated stack ({title.split(':')[0].lower()})",
+                      rows=rows_json(concept.lora))
+        wire(g, (gate, 0, stack, "gates"), (base, 0, stack, "model"), (base, 1, stack, "clip"))
+        positive = prompt(g, base, text)
+        images.append(sample(g, stack, base, positive, title=f"Sample: {title.split(':')[0].lower()}")[1])
+    side_by_side(g, images[0], images[1], "loom_gate_schedules", "Early | late")
+    return finish(g, "Gate schedule: early vs late", (
+        "One ring LoRA, gated over sampling by Loom Gate Schedule (applied inside the layers, no re-patching); "
+        "each gate node plots its schedule.\n\nLeft: the LoRA acts only in the first 40% of steps.\nRight: only "
+        "in the last 60%.\n\nResult: early | late: what each part of sampling takes from the LoRA."))
 
 
 def library_compose(info: dict) -> dict:
-    """Each region's LoRA picked by Loom Library Search from a prompt (hits say why), then composed."""
+    """Each region's LoRA found by Loom Library Search from words (the node shows its picks), then composed."""
     g = GraphBuilder(info)
-    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
-    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
+    base = g.add("LoomPlaygroundModel", (0, 0))
     previous = None
-    for i, (query, prompt, box) in enumerate((("red fox, crimson", "a red fox", (0.0, 0.0, 0.55, 1.0)),
-                                              ("blue bird, cobalt", "a blue bird", (0.45, 0.0, 1.0, 1.0)))):
-        search = g.add("LoomLibrarySearch", (400, 40 + 600 * i), title=f"Find a LoRA for region {i + 1}",
-                       prompt=query, top_k=1, strength=1.0, rescan=False)
-        region = g.add("LoomRegion", (900, 40 + 600 * i), title=f"Region {i + 1}", prompt=prompt,
+    for i, (query, name, box) in enumerate((("ring shape", "ring", LEFT), ("striped texture", "stripes", RIGHT))):
+        search = g.add("LoomLibrarySearch", (0, 0), title=f"Find a LoRA for region {i + 1}", prompt=query, top_k=1,
+                       strength=1.0, rescan=False)
+        region = g.add("LoomRegion", (0, 0), title=f"Region {i + 1}", prompt=CONCEPTS[name].prompt,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.nodes[search - 1]["size"] = [340, 400]
-        g.nodes[region - 1]["size"] = [340, 540]
-        g.connect(clip, 0, search, "clip")
         g.connect(search, 1, region, "adapters")
         if previous is not None:
             g.connect(previous, 0, region, "regions")
         previous = region
-    compose_regions(g, unet, clip, previous, "a meadow at noon", "loom_library_compose")
-    return g.workflow()
+    composed = compose(g, base, previous, two_concepts_prompt())
+    _, image = sample(g, composed, base, composed, 1, title="Sample with the composed model")
+    preview = g.add("LoomRegionPreview", (0, 0), width=256, height=256)
+    g.connect(previous, 0, preview, "regions")
+    side_by_side(g, image, preview, "loom_library_compose", "Composed | regions", right_full_size=True)
+    return finish(g, "Library search, then compose", (
+        "Each region's LoRA is found in your LoRA folders by Loom Library Search from a few words ('ring shape', "
+        "'striped texture'); after a run each search node shows what it picked and why.\n\nResult: the "
+        "picture | the regions, with the LoRAs the searches picked."))
 
 
-def clora(info: dict) -> dict:
-    """CLoRA without drawn regions: the red and blue demo LoRAs each steered to its concept word, fused with
-    attention masks; Loom CLoRA Masks shows the masks after sampling and feeds them to Loom Compose as regions."""
+def stack(info: dict) -> dict:
+    """The base model beside the same model with a concept LoRA merged by Loom LoRA Stack."""
     g = GraphBuilder(info)
-    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
-    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
-    base = "a red fox and a blue bird on a lawn"
-    previous = None
-    for i, (lora, prompt, concept) in enumerate(((RED, "loomred a red fox and a blue bird on a lawn", "fox"),
-                                                 (BLUE, "a red fox and loomblue a blue bird on a lawn", "bird"))):
-        stack = g.add("LoomLoraStack", (340, 40 + 420 * i), title=f"LoRA {i + 1}", rows=stack_rows(lora))
-        item = g.add("LoomCLoraConcept", (720, 40 + 420 * i), title=f"Concept {i + 1}", prompt=prompt,
-                     concept=concept)
-        g.connect(unet, 0, stack, "model")
-        g.connect(stack, 2, item, "adapters")
-        if previous is not None:
-            g.connect(previous, 0, item, "concepts")
-        previous = item
-    node = g.add("LoomCLora", (1080, 40), base_prompt=base, update_end_percent=0.5, iterations=1)
-    g.connect(unet, 0, node, "model")
-    g.connect(clip, 0, node, "clip")
-    g.connect(previous, 0, node, "concepts")
-    sample_and_save(g, node, clip, node, "loom_clora")
-    sampler = next(n["id"] for n in g.nodes if n["type"] == "KSampler")
-    masks = g.add("LoomCLoraMasks", (1080, 900))
-    g.connect(node, 2, masks, "clora")
-    g.connect(sampler, 0, masks, "samples")
-    save_preview = g.add("SaveImage", (1440, 900), filename_prefix="loom_clora_masks")
-    g.connect(masks, 1, save_preview, "images")
-    compose = g.add("LoomCompose", (1080, 1300), global_prompt=base, rules_end_percent=0.5, latent_reinit=False)
-    g.connect(unet, 0, compose, "model")
-    g.connect(clip, 0, compose, "clip")
-    g.connect(masks, 2, compose, "regions")
-    sample_and_save(g, compose, clip, compose, "loom_clora_regions", x=2400)
-    return g.workflow()
+    base = g.add("LoomPlaygroundModel", (0, 0))
+    concept = CONCEPTS["star"]
+    positive = prompt(g, base, concept.prompt, "Prompt (base)")
+    _, plain = sample(g, base, base, positive, title="Sample: base model")
+    merged = g.add("LoomLoraStack", (0, 0), title="Loom LoRA Stack", rows=rows_json(concept.lora))
+    wire(g, (base, 0, merged, "model"), (base, 1, merged, "clip"))
+    with_lora = prompt(g, merged, concept.prompt, "Prompt (with the LoRA)")
+    _, lora_image = sample(g, merged, base, with_lora, title="Sample: with the star LoRA")
+    side_by_side(g, plain, lora_image, "loom_stack", "Base | with the LoRA")
+    return finish(g, "LoRA stack: base vs one LoRA", (
+        "The playground model has never seen a star. Loom LoRA Stack merges the star LoRA (any LoRA format; "
+        "drag more from the LoRA Library onto the stack).\n\nResult: base model | with the LoRA."))
 
 
-def gated_stack(info: dict) -> dict:
-    """A gated stack: the red demo LoRA shapes the first half of sampling and the blue one the second half
-    (Loom Gate Schedule keyframes, applied inside the layers by Loom LoRA Stack without re-patching)."""
-    g = GraphBuilder(info)
-    unet = g.add("UNETLoader", (40, 40), unet_name=FLUX_FILE, weight_dtype="default")
-    clip = g.add("CLIPLoader", (40, 200), clip_name=CLIP_FILE, type="stable_diffusion")
-    red = g.add("LoomGateSchedule", (40, 400), title="Red: structure (first half)", lora=RED,
-                keyframes="0:1, 0.5:0", interpolation="cosine", preview_steps=8)
-    blue = g.add("LoomGateSchedule", (40, 760), title="Blue: details (second half)", lora=BLUE,
-                 keyframes="0:0, 0.5:1", interpolation="cosine", preview_steps=8)
-    rows = json.dumps([{"lora": name, "on": True, "strength": 1.0, "sha256": demo_sha256(name)} for name in (RED, BLUE)],
-                      indent=1)
-    stack = g.add("LoomLoraStack", (460, 40), title="Gated LoRA stack", rows=rows)
-    g.nodes[stack - 1]["size"] = [440, 300]
-    pos = g.add("CLIPTextEncode", (960, 40), text="loomred loomblue a red fox and a blue bird")
-    g.connect(red, 0, blue, "gates")
-    g.connect(blue, 0, stack, "gates")
-    g.connect(unet, 0, stack, "model")
-    g.connect(clip, 0, stack, "clip")
-    g.connect(stack, 1, pos, "clip")
-    sample_and_save(g, stack, clip, pos, "loom_gated_stack", x=1680)
-    return g.workflow()
+@dataclass(frozen=True)
+class Example:
+    """One shared workflow: its file name is its title in ComfyUI's template browser."""
+
+    title: str
+    build: Callable[[dict], dict]
+    result_prefix: str  # the SaveImage prefix of the image its thumbnail is made from
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.title}.json"
 
 
-# The default run (``make run``): two concept LoRAs of the playground world, each in its own half.
-PLAYGROUND_REGIONS = (("playground_ring.safetensors", "a blue ring on the left", (0.0, 0.0, 0.5, 1.0)),
-                      ("playground_stripes.safetensors", "a yellow striped triangle on the right", (0.5, 0.0, 1.0, 1.0)))
-PLAYGROUND_PROMPT = "a blue ring on the left and a yellow striped triangle on the right"
-PLAYGROUND_SEED = 3
+EXAMPLES_LIST = (
+    Example("Loom playground - two LoRAs in two regions", playground, "loom_playground"),
+    Example("Loom regions vs merge", regions_vs_merge, "loom_regions_vs_merge"),
+    Example("Loom CLoRA - two LoRAs and their masks", clora, "loom_clora"),
+    Example("Loom gate schedule - early vs late", gate_schedules, "loom_gate_schedules"),
+    Example("Loom library search then compose", library_compose, "loom_library_compose"),
+    Example("Loom LoRA stack - base vs one LoRA", stack, "loom_stack"),
+)
+PLAYGROUND_EXAMPLE = EXAMPLES_LIST[0]
 
 
-def playground(info: dict) -> dict:
-    """The playground Flux trained in this repository composing two concept LoRAs it never merged (the ring
-    shape on the left, the striped texture on the right) with Loom Compose; the 64x64 result is saved 4x
-    enlarged (nearest) beside a preview of the regions."""
-    g = GraphBuilder(info)
-    base = g.add("LoomPlaygroundModel", (40, 40), title="Loom Playground Model")
-    previous = region_chain(g, base, tuple((stack_rows(lora, sha256=playground_sha256(lora)), prompt, box)
-                                           for lora, prompt, box in PLAYGROUND_REGIONS), "Concept LoRA for region")
-    compose = g.add("LoomCompose", (1300, 40), global_prompt=PLAYGROUND_PROMPT)
-    g.nodes[compose - 1]["size"] = [340, 600]
-    neg = g.add("CLIPTextEncode", (1300, 700), text="")
-    latent = g.add("LoomPlaygroundLatent", (1300, 920), width=64, height=64, batch_size=1)
-    sampler = g.add("KSampler", (1700, 40), seed=PLAYGROUND_SEED, steps=20,
-                    cfg=3.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-    decode = g.add("LoomPlaygroundDecode", (2060, 40))
-    enlarge = g.add("ImageScaleBy", (2060, 200), upscale_method="nearest-exact", scale_by=4.0)
-    save = g.add("SaveImage", (2400, 40), filename_prefix="loom_playground")
-    preview = g.add("LoomRegionPreview", (2060, 700), width=256, height=256)
-    save_preview = g.add("SaveImage", (2400, 700), filename_prefix="loom_playground_regions")
-    for src, slot, dst, name in ((base, 0, compose, "model"), (base, 1, compose, "clip"),
-                                 (previous, 0, compose, "regions"), (base, 1, neg, "clip"),
-                                 (compose, 0, sampler, "model"), (compose, 1, sampler, "positive"),
-                                 (neg, 0, sampler, "negative"), (latent, 0, sampler, "latent_image"),
-                                 (sampler, 0, decode, "samples"), (decode, 0, enlarge, "image"),
-                                 (enlarge, 0, save, "images"), (previous, 0, preview, "regions"),
-                                 (preview, 0, save_preview, "images")):
-        g.connect(src, slot, dst, name)
-    return g.workflow()
-
-
-BUILDERS = {"loom_playground.json": playground, "loom_demo.json": demo, "loom_two_regions.json": two_regions,
-            "loom_library_compose.json": library_compose,
-            "loom_gated_stack.json": gated_stack, "loom_clora.json": clora}
+def example(title: str) -> Example:
+    return next(e for e in EXAMPLES_LIST if e.title == title)
 
 
 def main() -> int:
@@ -256,9 +351,9 @@ def main() -> int:
     with ComfyServer(prepare_workspace()) as server:
         info = server.get_json("/object_info")
         EXAMPLES.mkdir(exist_ok=True)
-        for name, build in BUILDERS.items():
-            (EXAMPLES / name).write_text(json.dumps(build(info), indent=1) + "\n")
-            log.info("wrote %s", EXAMPLES / name)
+        for item in EXAMPLES_LIST:
+            (EXAMPLES / item.file_name).write_text(json.dumps(item.build(info), indent=1) + "\n")
+            log.info("wrote %s", EXAMPLES / item.file_name)
     return 0
 
 

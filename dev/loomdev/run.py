@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with ComfyServer(workspace, port=port) as server:
         log.info("ComfyUI with LoRA Loom is up at %s (log: %s)", server.url, server.log_path)
         images = run_workflow(server, args.workflow)
-        for image in images:
+        for image in sorted(images):
             log.info("image written: %s", image)
         if not images:
             log.error("the workflow produced no image")

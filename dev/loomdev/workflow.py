@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # drawn by the frontend, never sent to the server
 SEED_NAMES = {"seed", "noise_seed"}
 
 
@@ -44,6 +45,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in ui.get("links", [])}
     api: dict[str, dict] = {}
     for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
         if node.get("mode", 0) in (2, 4):  # muted / bypassed
             raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed; not supported here")
         if node["type"] not in object_info:
