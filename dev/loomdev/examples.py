@@ -56,7 +56,7 @@ NODE_SIZES = {
 }
 STACK_ROW_HEIGHT = 34
 GAP_X, GAP_Y = 80, 50
-VIEW = {"scale": 0.8, "offset": [40, 40]}  # opens with the note and the first columns readable
+VIEW = {"scale": 0.8, "offset": [90, 200]}  # opens with the note and the first columns readable, clear of the menus
 
 
 def node_size(node: dict) -> tuple[int, int]:
@@ -68,12 +68,17 @@ def node_size(node: dict) -> tuple[int, int]:
 
 
 def layout(g: GraphBuilder) -> None:
-    """Place every node: column = longest path from a source (the note first), top to bottom in the order the
-    nodes were added; sizes from :func:`node_size`, so no two nodes overlap."""
+    """Place every node: column = longest path from a source (a source: just before its first consumer; the
+    note first), top to bottom in the order the nodes were added; sizes from :func:`node_size`, so no two nodes
+    overlap."""
     depth = {n["id"]: 0 for n in g.nodes}
     for _ in g.nodes:  # longest path by relaxation (graphs here are small and acyclic)
         for link in g.links:
             depth[link[3]] = max(depth[link[3]], depth[link[1]] + 1)
+    for node in g.nodes:  # a node with no inputs (a latent, a gate) sits just before its first consumer
+        targets = [depth[link[3]] for link in g.links if link[1] == node["id"]]
+        if targets and not any(link[3] == node["id"] for link in g.links):
+            depth[node["id"]] = max(depth[node["id"]], min(targets) - 1)
     columns: dict[int, list[dict]] = {}
     for node in g.nodes:
         columns.setdefault(depth[node["id"]], []).append(node)

@@ -1,5 +1,6 @@
-"""The main job (``make run``): ComfyUI with this pack and the demo models, the example workflow queued, the
-image path printed, and the UI kept at http://127.0.0.1:8188 until Ctrl+C (``--once``: exit after the image)."""
+"""The main job (``make run``): ComfyUI with this pack and the playground, the playground example queued, the
+image path printed, and the UI kept at http://127.0.0.1:8188 until Ctrl+C (``--once``: exit after the image).
+The printed address opens the same example in the UI (the pack's ``?loom_example=`` hook, web/open_example.js)."""
 from __future__ import annotations
 
 import argparse
@@ -7,15 +8,24 @@ import json
 import logging
 import signal
 import threading
+import urllib.parse
 from pathlib import Path
 
-from .paths import REPO, WORKSPACE
+from .examples import EXAMPLES, PLAYGROUND_EXAMPLE
+from .paths import WORKSPACE
 from .server import ComfyServer, free_port, prepare_workspace
 from .workflow import ui_to_api
 
 log = logging.getLogger("loom.run")
 
-DEFAULT_WORKFLOW = REPO / "example_workflows" / "loom_playground.json"
+DEFAULT_WORKFLOW = EXAMPLES / PLAYGROUND_EXAMPLE.file_name
+
+
+def ui_url(server: ComfyServer, workflow_path: Path) -> str:
+    """The address that opens ``workflow_path`` (one of the pack's examples) in the UI, with ComfyUI's
+    first-visit template gallery switched off for this workspace's user so it does not cover the workflow."""
+    server.request("/settings/Comfy.TutorialCompleted", True)
+    return f"{server.url}/?{urllib.parse.urlencode({'loom_example': workflow_path.stem}, quote_via=urllib.parse.quote)}"
 
 
 def run_workflow(server: ComfyServer, workflow_path: Path) -> list[Path]:
@@ -46,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if args.once:
             return 0
-        log.info("open %s in a browser; Ctrl+C stops the server", server.url)
+        log.info("open %s in a browser (the workflow above, opened in the UI); Ctrl+C stops the server",
+                 ui_url(server, args.workflow))
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from loomdev.workflow import ui_to_api
 from safetensors.torch import save_file
+from demo_workflows import demo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def write_demo_lora(path: Path, seed: int, metadata: dict[str, str], rank: int =
 
 def search_workflow(object_info: dict, prompt: str, **search_inputs: object) -> tuple[dict, str]:
     """The demo example in API form with a ``LoomLibrarySearch`` node feeding ``LoomLoraStack.lora_stack``."""
-    api = ui_to_api(json.loads((REPO / "example_workflows" / "loom_demo.json").read_text()), object_info)
+    api = ui_to_api(demo(object_info), object_info)
     stack = next(k for k, n in api.items() if n["class_type"] == "LoomLoraStack")
     clip = next(k for k, n in api.items() if n["class_type"] == "CLIPLoader")
     search = "900"

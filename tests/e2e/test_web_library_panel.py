@@ -10,6 +10,7 @@ from pathlib import Path
 
 from browser import comfy_page, export_workflow, load_workflow
 from test_web_stack import wait_for_new_prompt
+from demo_workflows import demo
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -39,9 +40,9 @@ def card(page, lora: str):
     return page.locator(f".loom-lib-card[data-lora='{lora}']")
 
 
-def test_library_panel_search_details_drag_round_trip_and_queue(comfy_server, loras_dir):
+def test_library_panel_search_details_drag_round_trip_and_queue(comfy_server, loras_dir, object_info):
     sha = {name: hashlib.sha256((loras_dir / name).read_bytes()).hexdigest() for name in (RED, BLUE)}
-    example = json.loads((REPO / "example_workflows" / "loom_demo.json").read_text())
+    example = demo(object_info)
     with comfy_page(comfy_server, ARTIFACTS) as page:
         load_workflow(page, example)
         page.locator(".loom-library-tab-button").click()

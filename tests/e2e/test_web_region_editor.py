@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from browser import comfy_page, export_workflow, load_workflow
 from test_web_stack import wait_for_new_prompt
+from demo_workflows import two_regions
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -44,8 +45,8 @@ def mouse_drag(page, start: tuple[float, float], end: tuple[float, float]) -> No
     page.mouse.up()
 
 
-def test_region_editor_draw_move_resize_round_trip_and_queue(comfy_server):
-    example = json.loads((REPO / "example_workflows" / "loom_two_regions.json").read_text())
+def test_region_editor_draw_move_resize_round_trip_and_queue(comfy_server, object_info):
+    example = two_regions(object_info)
     with comfy_page(comfy_server, ARTIFACTS) as page:
         load_workflow(page, example)
         assert page.locator(".loom-region-editor").count() == 2

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from browser import comfy_page, export_workflow, load_workflow
+from demo_workflows import demo
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -43,10 +44,10 @@ def stack_rows(page) -> list:
         "() => window.app.graph._nodes.find(n => n.type === 'LoomLoraStack').widgets.find(w => w.name === 'rows').value"))
 
 
-def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
+def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir, object_info):
     write_demo_lora(loras_dir / "web_test_lora.safetensors")
     sha256 = hashlib.sha256((loras_dir / "web_test_lora.safetensors").read_bytes()).hexdigest()
-    example = json.loads((REPO / "example_workflows" / "loom_demo.json").read_text())
+    example = demo(object_info)
     with comfy_page(comfy_server, ARTIFACTS) as page:
         load_workflow(page, example)
         editor = page.locator(".loom-stack")
@@ -87,13 +88,13 @@ def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir):
         assert not ours, ours
 
 
-def test_stack_editor_renames_a_row_whose_file_has_another_name_here(comfy_server, loras_dir):
+def test_stack_editor_renames_a_row_whose_file_has_another_name_here(comfy_server, loras_dir, object_info):
     """A workflow from another machine names `their_name.safetensors`; here the same bytes are
     `renamed/here.safetensors`: the editor asks the library by sha256 and points the row at the local file."""
     (loras_dir / "renamed").mkdir()
     write_demo_lora(loras_dir / "renamed" / "here.safetensors", seed=5)
     sha256 = hashlib.sha256((loras_dir / "renamed" / "here.safetensors").read_bytes()).hexdigest()
-    workflow = json.loads((REPO / "example_workflows" / "loom_demo.json").read_text())
+    workflow = demo(object_info)
     node = next(n for n in workflow["nodes"] if n["type"] == "LoomLoraStack")
     node["widgets_values"][0] = json.dumps([{"lora": "their_name.safetensors", "on": True, "strength": 0.5,
                                              "sha256": sha256}])
