@@ -1,5 +1,5 @@
 # Two commands do all set-up (each installs what it needs, idempotently):
-#   make run    ComfyUI + LoRA Loom + demo model, queues the example workflow, UI at http://127.0.0.1:8188
+#   make run    ComfyUI + LoRA Loom + the playground, queues its example workflow, prints the address that opens it
 #   make test   all test tiers (unit, bridge, e2e with the real server and headless Chromium)
 PY := .loom/venv/bin/python
 export PYTHONPATH := $(CURDIR)/dev

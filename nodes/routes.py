@@ -135,7 +135,8 @@ def search(query: dict[str, str]) -> dict[str, Any]:
                 out.append(item)
         return out
 
-    hits = answer(library.search(text, top_k=top_k, filters=filters))
+    # fit is known per hit, not in the index query: with fits_only, rank deeper and keep the first top_k that fit
+    hits = answer(library.search(text, top_k=top_k + (MAX_TOP_K if fits_only else 0), filters=filters))[:top_k]
     closest = answer(library.search(text, top_k=3, filters=filters, floor=False)) if not hits and text.strip() else []
     return {"query": text, "hits": hits, "closest": closest,
             "model": model.describe() if model is not None else None}

@@ -337,12 +337,12 @@ class Example:
 
 
 EXAMPLES_LIST = (
-    Example("Loom playground - two LoRAs in two regions", playground, "loom_playground"),
+    Example("Loom playground - two regions", playground, "loom_playground"),
     Example("Loom regions vs merge", regions_vs_merge, "loom_regions_vs_merge"),
-    Example("Loom CLoRA - two LoRAs and their masks", clora, "loom_clora"),
-    Example("Loom gate schedule - early vs late", gate_schedules, "loom_gate_schedules"),
+    Example("Loom CLoRA - LoRAs and masks", clora, "loom_clora"),
+    Example("Loom gates - early vs late", gate_schedules, "loom_gate_schedules"),
     Example("Loom library search then compose", library_compose, "loom_library_compose"),
-    Example("Loom LoRA stack - base vs one LoRA", stack, "loom_stack"),
+    Example("Loom LoRA stack - base vs LoRA", stack, "loom_stack"),
 )
 PLAYGROUND_EXAMPLE = EXAMPLES_LIST[0]
 

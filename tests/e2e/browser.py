@@ -18,8 +18,9 @@ def chromium_path() -> str:
 
 
 @contextmanager
-def comfy_page(server, artifacts: Path, width: int = 1600, height: int = 1000):
-    """A page with ComfyUI's UI loaded and first-run dialogs dismissed; console errors collected on page.errors."""
+def comfy_page(server, artifacts: Path, width: int = 1600, height: int = 1000, path: str = "/"):
+    """A page with ComfyUI's UI loaded (at ``path``: an address with a query) and first-run dialogs dismissed;
+    console errors collected on page.errors."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -32,7 +33,7 @@ def comfy_page(server, artifacts: Path, width: int = 1600, height: int = 1000):
             # Settings that keep first-run dialogs out of the way (stored per user on the server).
             for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}.items():
                 server.request(f"/settings/{key}", value)
-            page.goto(server.url, wait_until="domcontentloaded")
+            page.goto(server.url + path, wait_until="domcontentloaded")
             page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
             page.wait_for_timeout(1000)
             page.keyboard.press("Escape")
