@@ -280,7 +280,12 @@ function renderPanel(root) {
     action();
     status.textContent = "scanning…";
     try {
-      const res = await api.fetchApi("/loom/library/rescan", { method: "POST" });
+      let res = await api.fetchApi("/loom/library/rescan", { method: "POST" });
+      for (let tries = 0; res.status === 409 && tries < 120; tries++) { // a scan is running: ours follows it
+        status.textContent = "a scan is running; rescanning after it…";
+        await new Promise((done) => setTimeout(done, 500));
+        res = await api.fetchApi("/loom/library/rescan", { method: "POST" });
+      }
       const body = await res.json();
       if (!res.ok) throw new Error(body.error || `HTTP ${res.status}`);
       const errors = body.errors?.length ? `, ${body.errors.length} unreadable` : "";

@@ -191,26 +191,43 @@ export function attachStackEditor(node) {
   const rowsWidget = node.widgets?.find((w) => w.name === "rows");
   if (!rowsWidget || node.loomStack) return;
   rowsWidget.hidden = true;
-  const root = el("div", { className: "loom-stack" });
-  root.style.cssText = "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text);" +
+  // `root` is sized by the node; `body` takes its content's natural height, which the node grows to fit
+  const body = el("div", { className: "loom-stack" });
+  body.style.cssText = "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text);" +
     "box-sizing:border-box;padding-right:4px;";
+  const root = el("div", { className: "loom-stack-frame" }, [body]);
   keepKeys(root);
   const fitNode = () => { // the node grows with its rows (never shrinks below what the user made it)
     const want = node.computeSize?.();
     if (!want || !node.size) return;
     const size = [Math.max(node.size[0], MIN_WIDTH), Math.max(node.size[1], want[1])];
-    if (size[0] !== node.size[0] || size[1] !== node.size[1]) node.setSize(size);
+    if (size[0] !== node.size[0] || size[1] !== node.size[1]) {
+      node.setSize(size);
+      node.graph?.setDirtyCanvas?.(true, true);
+    }
   };
-  const ctl = stackController(node, rowsWidget, () => render());
+  new ResizeObserver(fitNode).observe(body); // rows added, notes wrapping, fonts loading
+  // after an edit, draw once the browser has moved the focus (a change fires as Tab leaves the field)
+  const ctl = stackController(node, rowsWidget, () => setTimeout(render, 0));
   async function render() {
     await ctl.refresh();
-    renderStack(root, ctl);
+    // the rows are drawn anew: keep the keyboard where it was (Tab out of an edited field lands on the next one)
+    const focused = body.contains(document.activeElement) ? document.activeElement : null;
+    const where = focused ? [focused.closest(".loom-stack-row, .loom-stack-header, .loom-stack-add"),
+      focused.closest(".loom-stack-row")?.querySelectorAll("input, select, button")] : null;
+    const rowIndex = where?.[0] ? [...body.querySelectorAll(".loom-stack-row")].indexOf(where[0]) : -1;
+    const fieldIndex = where?.[1] ? [...where[1]].indexOf(focused) : -1;
+    const onAdd = focused?.classList.contains("loom-stack-add");
+    renderStack(body, ctl);
+    const target = onAdd ? body.querySelector(".loom-stack-add")
+      : body.querySelectorAll(".loom-stack-row")[rowIndex]?.querySelectorAll("input, select, button")[fieldIndex];
+    target?.focus();
     fitNode();
     node.graph?.setDirtyCanvas?.(true, true);
   }
   node.addDOMWidget("rows_editor", "loom_stack", root, {
     serialize: false, hideOnZoom: false,
-    getMinHeight: () => Math.max(32, root.scrollHeight || 0),
+    getMinHeight: () => Math.max(32, body.offsetHeight + 16),
   });
   if (node.size && node.size[0] < MIN_WIDTH) node.setSize?.([MIN_WIDTH, node.size[1]]);
   node.loomStack = { read: ctl.read, write: ctl.write, render, controller: ctl };

@@ -6,7 +6,7 @@ import { api } from "../../scripts/api.js";
 import { el } from "./common.js";
 
 const EXTENSION = "loom.NodeFields";
-const PROMPT_MIN_HEIGHT = 150; // CLIP Text Encode's box on a fresh node is about this tall
+const PROMPT_MIN_HEIGHT = 166; // the box is drawn 12 px shorter: as tall as CLIP Text Encode's on a fresh node (154)
 const PROMPTS = {
   LoomRegion: ["prompt"], LoomCompose: ["global_prompt"], LoomLibrarySearch: ["prompt"], LoomCLoraConcept: ["prompt"],
   LoomCLora: ["base_prompt"], LoomPromptSchedule: ["prompt"],
@@ -66,7 +66,7 @@ if (!app.extensions?.some((e) => e.name === EXTENSION)) app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       if (nodeData.name === "LoomCompose") checkRuleBlocks(this);
-      tallPrompts(this, prompts);
+      setTimeout(() => tallPrompts(this, prompts), 0); // after every extension has added its widgets
       return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;
