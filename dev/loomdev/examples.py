@@ -152,16 +152,16 @@ def side_by_side(g: GraphBuilder, left: int, right: int, prefix: str, title: str
     return save
 
 
-def region_chain(g: GraphBuilder, model: int, regions: tuple[tuple[str, str, tuple], ...],
-                 title: str = "LoRA for region") -> int:
-    """One Loom LoRA Stack (``rows`` JSON) feeding one Loom Region (``prompt``, ``box``) per item of ``regions``,
-    the regions chained in order; returns the last Loom Region."""
+def region_chain(g: GraphBuilder, regions: tuple[tuple[str, tuple], ...],
+                 adapters: Callable[[int], tuple[int, int]]) -> int:
+    """One Loom Region per ``(prompt, box)`` of ``regions``, chained in order, each fed by the node output
+    ``adapters(i)`` makes for it (``(node, slot)``, made just before its region); returns the last region."""
     previous = None
-    for i, (rows, text, box) in enumerate(regions):
-        stack = g.add("LoomLoraStack", (0, 0), title=f"{title} {i + 1}", rows=rows)
+    for i, (text, box) in enumerate(regions):
+        source, slot = adapters(i)
         region = g.add("LoomRegion", (0, 0), title=f"Region {i + 1}", prompt=text,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        wire(g, (model, 0, stack, "model"), (stack, 2, region, "adapters"))
+        g.connect(source, slot, region, "adapters")
         if previous is not None:
             g.connect(previous, 0, region, "regions")
         previous = region
@@ -169,9 +169,15 @@ def region_chain(g: GraphBuilder, model: int, regions: tuple[tuple[str, str, tup
 
 
 def concept_regions(g: GraphBuilder, model: int, names: tuple[str, ...], boxes: tuple[tuple, ...]) -> int:
-    """:func:`region_chain` with one concept LoRA per region (``names`` keys of :data:`CONCEPTS`)."""
-    return region_chain(g, model, tuple((rows_json(CONCEPTS[n].lora), CONCEPTS[n].prompt, box)
-                                        for n, box in zip(names, boxes)), "Concept LoRA for region")
+    """Regions each painted by one concept LoRA (``names`` keys of :data:`CONCEPTS`) through its own Loom LoRA
+    Stack; returns the last Loom Region."""
+    def stack(i: int) -> tuple[int, int]:
+        node = g.add("LoomLoraStack", (0, 0), title=f"Concept LoRA for region {i + 1}",
+                     rows=rows_json(CONCEPTS[names[i]].lora))
+        g.connect(model, 0, node, "model")
+        return node, 2
+
+    return region_chain(g, tuple((CONCEPTS[n].prompt, box) for n, box in zip(names, boxes)), stack)
 
 
 def compose(g: GraphBuilder, base: int, regions: int, text: str) -> int:
@@ -285,16 +291,13 @@ def library_compose(info: dict) -> dict:
     """Each region's LoRA found by Loom Library Search from words (the node shows its picks), then composed."""
     g = GraphBuilder(info)
     base = g.add("LoomPlaygroundModel", (0, 0))
-    previous = None
-    for i, (query, name, box) in enumerate((("ring shape", "ring", LEFT), ("striped texture", "stripes", RIGHT))):
-        search = g.add("LoomLibrarySearch", (0, 0), title=f"Find a LoRA for region {i + 1}", prompt=query, top_k=1,
-                       strength=1.0, rescan=False)
-        region = g.add("LoomRegion", (0, 0), title=f"Region {i + 1}", prompt=CONCEPTS[name].prompt,
-                       x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.connect(search, 1, region, "adapters")
-        if previous is not None:
-            g.connect(previous, 0, region, "regions")
-        previous = region
+    queries = ("ring shape", "striped texture")
+
+    def search(i: int) -> tuple[int, int]:
+        return g.add("LoomLibrarySearch", (0, 0), title=f"Find a LoRA for region {i + 1}", prompt=queries[i],
+                     top_k=1, strength=1.0, rescan=False), 1
+
+    previous = region_chain(g, ((CONCEPTS["ring"].prompt, LEFT), (CONCEPTS["stripes"].prompt, RIGHT)), search)
     composed = compose(g, base, previous, two_concepts_prompt())
     _, image = sample(g, composed, base, composed, 1, title="Sample with the composed model")
     preview = g.add("LoomRegionPreview", (0, 0), width=256, height=256)

@@ -67,7 +67,7 @@ def test_library_panel_search_details_drag_round_trip_and_queue(comfy_server, lo
         page.locator(".loom-lib-filters summary").click()
         page.locator(".loom-lib-exclude").fill("red")
         page.locator(".loom-lib-exclude").press("Enter")
-        page.wait_for_function("() => document.querySelector('.loom-lib-status')?.textContent.includes('for “red fox')"
+        page.wait_for_function("() => document.querySelector('.loom-lib-status')?.textContent.includes('“red fox')"
                                f" && !document.querySelector(\".loom-lib-card[data-lora='{RED}']\")")
         page.locator(".loom-lib-exclude").fill("")
         page.locator(".loom-lib-query").press("Enter")
