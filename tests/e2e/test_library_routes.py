@@ -165,23 +165,18 @@ def test_refuses_paths_outside_the_loras_folders(comfy_server, path, params, exp
     assert isinstance(body, dict) and body["error"]
 
 
-def get(server, path: str, **params: str) -> tuple[int, dict]:
-    status, body = server.request(f"/loom/library/{path}?{urllib.parse.urlencode(params)}")
-    return status, json.loads(body)
-
-
 def test_nothing_matched_answers_empty_hits_with_the_closest(comfy_server, library_files):
     assert comfy_server.request("/loom/library/rescan", {})[0] == 200
-    status, body = get(comfy_server, "search", q="xyzzyqq")
+    status, body = get(comfy_server, "/loom/library/search", q="xyzzyqq")
     assert status == 200 and body["hits"] == [] and 1 <= len(body["closest"]) <= 3
-    status, body = get(comfy_server, "search", q="the aquarelle")  # a stop word never matches on its own
+    status, body = get(comfy_server, "/loom/library/search", q="the aquarelle")  # a stop word never matches on its own
     assert [h["lora"] for h in body["hits"]] == ["routes/aquarelle_bloom.safetensors"] and body["closest"] == []
 
 
 def test_fit_against_the_model_a_loader_loads(comfy_server, library_files):
     """The routes' LoRAs have width 8, the playground model 192, the demo Flux 3072; the playground's own fit."""
     comfy_server.request("/loom/library/rescan", {})
-    status, body = get(comfy_server, "fit", loader="LoomPlaygroundModel", model="",
+    status, body = get(comfy_server, "/loom/library/fit", loader="LoomPlaygroundModel", model="",
                        refs="playground_ring.safetensors,routes/steel_paladin.safetensors,loom_demo_red.safetensors")
     assert status == 200 and body["model"].startswith("Flux, hidden 192")
     fits = body["fits"]
@@ -190,18 +185,18 @@ def test_fit_against_the_model_a_loader_loads(comfy_server, library_files):
     assert fits["loom_demo_red.safetensors"]["ok"] is False
     from loomdev.fixtures import FLUX_FILE
 
-    status, body = get(comfy_server, "search", q="loom", loader="UNETLoader", model=FLUX_FILE, fits_only="1")
+    status, body = get(comfy_server, "/loom/library/search", q="loom", loader="UNETLoader", model=FLUX_FILE, fits_only="1")
     assert status == 200 and body["model"].startswith("Flux, hidden 3072")
     assert {h["lora"] for h in body["hits"]} == {"loom_demo_red.safetensors", "loom_demo_blue.safetensors"}
     assert all(h["fit"]["ok"] for h in body["hits"])
-    status, body = get(comfy_server, "fit", loader="UNETLoader", model="/etc/passwd", refs="a.safetensors")
+    status, body = get(comfy_server, "/loom/library/fit", loader="UNETLoader", model="/etc/passwd", refs="a.safetensors")
     assert status == 400 and "model" in body["error"]  # only names inside the model folders
 
 
 def test_playground_loras_index_without_a_raw_error(comfy_server):
     comfy_server.request("/loom/library/rescan", {})
     for name in ("playground_ring", "playground_star", "playground_stripes"):
-        status, body = get(comfy_server, "details", ref=f"{name}.safetensors")
+        status, body = get(comfy_server, "/loom/library/details", ref=f"{name}.safetensors")
         assert status == 200 and body["problems"] == [] and body["error"] == ""
         assert body["targets"] == "Flux, hidden 192, 2 double + 2 single blocks"
 
