@@ -3,7 +3,9 @@
 Each (file, parameter) becomes one :class:`LoomWeightPatch` registered with ``ModelPatcher.add_patches`` on a
 clone, so ComfyUI's memory management, low-VRAM loading and other packs' patches keep working. The patch computes
 the delta lazily with *our* adapter math (every format and kind, slices of fused qkv/linear1, DoRA, set_weight,
-widened BFL ``img_in``) when ComfyUI patches the weight.
+widened BFL ``img_in``) when ComfyUI patches the weight. A LoRA adds ``strength · scale · up @ down`` into the rows it
+writes with one in-place ``addmm_`` on ComfyUI's working copy, its factors cast once as core's LoRA patch casts
+them: no dense zero ΔW, no per-part dtype round trips.
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
+import comfy.model_management
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..adapters import Adapter, AdapterSet, merged_delta
+from ..adapters import Adapter, AdapterSet, LoRA, merged_delta
 from ..block_weights import BlockWeights, BlockWeightsError, block_of_module, parse_block_weights
 from ..stack import StackEntry, StackError
 
@@ -37,16 +40,35 @@ class LoomWeightPatch(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """Return ``weight + strength · Δ`` (``weight`` is ComfyUI's float32 working copy of the parameter)."""
+        """Return ``weight + strength · Σ Δ`` (``weight`` is ComfyUI's working copy of the parameter, updated in
+        place). Kinds other than LoRA (and every kind under a non-identity ``function``) add their summed delta,
+        computed first from the weight as it came in (DoRA and set_weight read it); LoRAs then add their product."""
         if self.widened is not None and tuple(weight.shape) != tuple(self.widened):
             padded = weight.new_zeros(self.widened)
             padded[tuple(slice(0, s) for s in weight.shape)] = weight
             weight = padded
         if strength == 0.0:
             return weight
-        delta = merged_delta(self.adapters, tuple(weight.shape), base_weight=weight, dtype=intermediate_dtype)
-        weight += function(strength * delta.to(device=weight.device, dtype=weight.dtype))
+        in_place = weight.dtype == intermediate_dtype and _is_identity(function, weight)
+        low_rank = [a for a in self.adapters if in_place and isinstance(a, LoRA)]
+        rest = [a for a in self.adapters if not any(a is b for b in low_rank)]
+        if rest:
+            delta = merged_delta(rest, tuple(weight.shape), base_weight=weight, dtype=intermediate_dtype)
+            weight += function(strength * delta.to(device=weight.device, dtype=weight.dtype))
+        for a in low_rank:
+            rows = weight if a.offset is None else weight[a.offset.start:a.offset.stop]
+            down = comfy.model_management.cast_to_device(a.down, weight.device, weight.dtype)
+            if a.mid is not None:
+                down = comfy.model_management.cast_to_device(a.mid, weight.device, weight.dtype) @ down
+            up = comfy.model_management.cast_to_device(a.up, weight.device, weight.dtype)
+            rows.addmm_(up, down, alpha=strength * a.scale)
         return weight
+
+
+def _is_identity(function, weight: torch.Tensor) -> bool:
+    """Whether ComfyUI's patch ``function`` is the identity it substitutes for None (it returns its argument)."""
+    probe = weight[:0]
+    return function is None or function(probe) is probe
 
 
 @dataclass(frozen=True)
@@ -123,8 +145,7 @@ def apply_merged(model, clip, entries: list[StackEntry]) -> MergedResult:
     for entry in entries:
         row = entry.row
         try:
-            blocks = parse_block_weights(row.blocks, depth, depth_single) if row.blocks.strip() \
-                else BlockWeights.uniform(1.0, depth, depth_single)
+            blocks = parse_block_weights(row.blocks, depth, depth_single)
         except BlockWeightsError as err:
             raise StackError(f"stack row {row.lora!r}: field 'blocks': {err}") from None
         for strength, patches in model_patches(entry.adapter_set, model_shapes, row.strength, blocks).items():
