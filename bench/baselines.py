@@ -34,16 +34,16 @@ from comfy_extras.nodes_hooks import ConditioningSetProperties, CreateHookLora
 from safetensors.torch import save_file
 
 from ..composition.adapters import LoRA
+from ..composition.clora import CLoraOptions
+from ..composition.comfy_bridge.clora import clora_controller
 from ..composition.comfy_bridge.merged import apply_merged
-from ..composition.comfy_bridge.regional import (
-    ComposedRegion,
-    ComposeOptions,
-    EncodedPrompts,
-    RegionalComposition,
-    build_plan,
-    install,
-)
-from ..composition.plan import Region, TextSpans
+from ..composition.comfy_bridge.regional import build_plan, regional_controller
+from ..composition.comfy_bridge.runtime import install
+from ..composition.comfy_bridge.stack import install_gated
+from ..composition.plan import ComposedRegion, ComposeOptions, Region, TextSpans
+from ..composition.prompts import EncodedPrompt
+from ..composition.runtime.clora import CLoraConcept
+from ..composition.runtime.gated import GatedOptions
 from ..composition.stack import StackEntry
 
 logger = logging.getLogger(__name__)
@@ -136,13 +136,12 @@ def regional_setup(patcher: Any, scene: Scene, attention_path: str = "grouped", 
     lengths = [int(c.shape[1]) for c in region_contexts]
     spans = TextSpans.from_lengths(int(scene.global_context.shape[1]), lengths)
     context = torch.cat([scene.global_context, *region_contexts], dim=1)
-    prompts = EncodedPrompts(context, {"pooled_output": scene.pooled}, spans,
-                             tuple(tuple(range(s.start, s.end)) for s in spans.region_spans))
+    prompt = EncodedPrompt("bench", context, {"pooled_output": scene.pooled}, None,
+                           {k: tuple(range(s.start, s.end)) for k, s in enumerate(spans.region_spans)}, spans)
     options = options or ComposeOptions(latent_reinit=False, attention_path=attention_path, end_percent=1.0)
     patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
-    composition = RegionalComposition(build_plan("bench", regions, options), prompts, options, patch)
-    model, _ = install(patcher, composition, regions)
-    return MethodSetup(method, model, _cond(context, scene.pooled), 1, composition)
+    controller = regional_controller(build_plan("bench", regions, options), prompt, regions, patch)
+    return MethodSetup(method, install(patcher, controller).model, _cond(context, scene.pooled), 1, controller)
 
 
 class PerHeadMaskAttention:
@@ -180,8 +179,6 @@ def dense_per_head_setup(patcher: Any, scene: Scene) -> MethodSetup:
 def gates_setup(patcher: Any, scene: Scene) -> MethodSetup:
     """Loom gated LoRA stack (mode ``gated``): every adapter per token on the whole canvas, gates evaluated in the
     layers, global prompt; one pass."""
-    from ..composition.comfy_bridge.gated import GatedOptions, install_gated
-
     entries = [e for group in scene.painters for e in group]
     result = install_gated(patcher, entries, GatedOptions(mode="gated"))
     return MethodSetup("gates", result.model, _cond(scene.global_context, scene.pooled), 1)
@@ -191,25 +188,18 @@ def clora_setup(patcher: Any, scene: Scene) -> MethodSetup:
     """Loom CLoRA with its default options: one concept per adapter (concept token ``1 + i`` of the global prompt
     and of adapter i's own prompt, the full-length region prompt of its region — CLoRA does not trim), 1 + N
     passes per step."""
-    from ..composition.clora import CLoraOptions
-    from ..composition.comfy_bridge.clora import (
-        CLoraComposition,
-        CLoraConcept,
-        EncodedPrompt,
-        install_clora,
-    )
-
     entries = [e for group in scene.painters for e in group]
     n = len(entries)
     region_of = {e.path: k for k, group in enumerate(scene.painters) for e in group}
-    base = EncodedPrompt("bench", scene.global_context, scene.pooled, {i: (1 + i,) for i in range(n)})
-    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", scene.region_contexts[region_of[e.path]], scene.pooled,
+    pooled = {"pooled_output": scene.pooled}
+    base = EncodedPrompt("bench", scene.global_context, pooled, None, {i: (1 + i,) for i in range(n)})
+    prompts = (base,) + tuple(EncodedPrompt(f"bench {i}", scene.region_contexts[region_of[e.path]], pooled, None,
                                             {i: (1 + i,)}) for i, e in enumerate(entries))
     concepts = [CLoraConcept("bench", f"c{i}", (e,)) for i, e in enumerate(entries)]
     patch = int(getattr(patcher.get_model_object("diffusion_model"), "patch_size", 2))
-    composition = CLoraComposition(concepts, prompts, CLoraOptions(), patch)
-    model, _ = install_clora(patcher, composition)
-    return MethodSetup("clora", model, _cond(scene.global_context, scene.pooled), 1 + n, composition)
+    controller = clora_controller(concepts, prompts, CLoraOptions(), patch)
+    return MethodSetup("clora", install(patcher, controller).model, _cond(scene.global_context, scene.pooled), 1 + n,
+                       controller)
 
 
 def lora_state_dict(entry: StackEntry) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ token; the peers — hooks, CLoRA, dense per-head — do not trim); the limit co
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import statistics
@@ -27,11 +26,11 @@ import comfy.model_management
 import comfy.samplers
 import torch
 
-from ..composition.comfy_bridge.bench_compose import bench_model, random_adapters
-from ..composition.comfy_bridge.regional import ComposeOptions
+from ..composition.plan import ComposeOptions
 from ..composition.regional import active_rules, allowed_groups, base_allowed
 from ..kernels.joint_attention import grouped_layout
 from . import baselines
+from .compose import bench_model, random_adapters
 from .flops import FluxShape, method_flops
 from .memory import measure_peak
 
@@ -46,9 +45,6 @@ MODELS: dict[str, dict[str, Any]] = {
                      vec_in_dim=768, axes_dim=[16, 56, 56]),
 }
 METHODS = ("base", "merged", "regional", "regional_noblend", "gates", "clora", "hooks", "dense_per_head", "composite")
-# Methods other packs' helpers provide: module (relative to the pack) -> a ``bench_setup(patcher, scene)`` that
-# returns a :class:`baselines.MethodSetup`. Absent modules leave the method out with a note.
-EXTERNAL_METHODS = {"gates": "composition.comfy_bridge.bench_gates", "clora": "composition.comfy_bridge.bench_clora"}
 
 
 class PerfError(ValueError):
@@ -168,14 +164,6 @@ def sample_steps(setup: baselines.MethodSetup, latent: torch.Tensor, steps: int,
     return [(b - a) * 1000.0 for a, b in itertools.pairwise(stamps)]
 
 
-def _external(method: str) -> Callable[[Any, baselines.Scene], baselines.MethodSetup] | None:
-    try:
-        module = importlib.import_module(f"{__package__.rsplit('.', 1)[0]}.{EXTERNAL_METHODS[method]}")
-    except ModuleNotFoundError:
-        return None
-    return getattr(module, "bench_setup", None)
-
-
 def build_setup(method: str, patcher: Any, scene: baselines.Scene, folder: Path,
                 latent_hw: tuple[int, int]) -> baselines.MethodSetup | str:
     """The method's setup, or a note saying why it is not available."""
@@ -194,12 +182,7 @@ def build_setup(method: str, patcher: Any, scene: baselines.Scene, folder: Path,
         return baselines.hooks_setup(patcher, scene, folder, latent_hw)
     if method == "composite":
         return baselines.composite_setup(patcher, scene, folder)
-    builder = _external(method) or {"gates": baselines.gates_setup, "clora": baselines.clora_setup}[method]
-    try:
-        return builder(patcher, scene)
-    except (ImportError, TypeError, AttributeError) as exc:  # a sibling module of another version
-        logger.warning("perf: %s is not available: %s", method, exc)
-        return f"{method}: not available in this build ({type(exc).__name__}: {exc})"
+    return {"gates": baselines.gates_setup, "clora": baselines.clora_setup}[method](patcher, scene)
 
 
 def attention_pairs(setup: baselines.MethodSetup, image_tokens: int) -> tuple[float | None, float | None]:
@@ -278,13 +261,16 @@ def run_cell(patcher: Any, config: PerfConfig, resolution: int, adapters: int, r
     return rows
 
 
+def preset_model(config: PerfConfig) -> Any:
+    """The random-weight Flux ModelPatcher of ``config.model`` in ``config``'s dtype on ComfyUI's device."""
+    device = comfy.model_management.get_torch_device()
+    return bench_model(config.torch_dtype(torch.device(device)), **MODELS[config.model])
+
+
 def run_perf(config: PerfConfig, patcher: Any = None, progress: Callable[[PerfRow], None] | None = None) -> list[PerfRow]:
     """Run the sweep; ``patcher`` overrides the model preset (a Flux ModelPatcher)."""
     config.validate()
-    device = comfy.model_management.get_torch_device()
-    if patcher is None:
-        dtype = config.torch_dtype(torch.device(device))
-        patcher = bench_model(dtype, **MODELS[config.model])
+    patcher = patcher if patcher is not None else preset_model(config)
     rows: list[PerfRow] = []
     with tempfile.TemporaryDirectory(prefix="loom-perf-") as tmp:
         for resolution in config.resolutions:
@@ -299,5 +285,5 @@ def run_perf(config: PerfConfig, patcher: Any = None, progress: Callable[[PerfRo
     return rows
 
 
-__all__ = ["EXTERNAL_METHODS", "METHODS", "MODELS", "PerfConfig", "PerfError", "PerfRow", "attention_pairs",
-           "build_setup", "flux_shape", "run_cell", "run_perf", "sample_steps"]
+__all__ = ["METHODS", "MODELS", "PerfConfig", "PerfError", "PerfRow", "attention_pairs",
+           "build_setup", "flux_shape", "preset_model", "run_cell", "run_perf", "sample_steps"]

@@ -1,10 +1,11 @@
 """``loom bench quality``: composition quality with ground truth, on the playground world.
 
 For every case of :data:`~..playground.scoring.CASES` and every seed, each method builds its MODEL and positive
-CONDITIONING with the pack's real nodes (``execute`` of ``Loom LoRA Stack``, ``Loom Region``, ``Loom Compose``,
-``Loom CLoRA Concept``, ``Loom CLoRA``), samples with ComfyUI's own ``comfy.sample.sample`` (what the stock
-KSampler calls: same seed, steps, sampler, scheduler, cfg and empty negative for all methods), decodes the
-playground latent exactly and scores the image with the exact detector (:mod:`..playground.scoring`).
+CONDITIONING with the functions the pack's nodes call (``apply_stack`` of ``Loom LoRA Stack``, ``make_region`` of
+``Loom Region``, ``compose`` of ``Loom Compose``, ``clora`` of ``Loom CLoRA``) at the nodes' defaults, samples with
+ComfyUI's own ``comfy.sample.sample`` (what the stock KSampler calls: same seed, steps, sampler, scheduler, cfg and
+empty negative for all methods), decodes the playground latent exactly and scores the image with the exact detector
+(:mod:`..playground.scoring`).
 
 Methods: ``base`` (no LoRA, reference), ``merged`` (every case LoRA merged by ComfyUI's patches; the naive
 baseline), ``switch`` / ``composite`` (Loom LoRA Stack modes), ``regional`` / ``regional+refine`` (one Loom LoRA
@@ -34,13 +35,17 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..composition.clora import CLoraOptions
-from ..nodes.clora import LoomCLora, LoomCLoraConcept
-from ..nodes.lora_stack import LoomLoraStack
-from ..nodes.regions import LoomCompose, LoomRegion
+from ..composition.comfy_bridge.clora import clora
+from ..composition.comfy_bridge.region_preview import make_region
+from ..composition.comfy_bridge.regional import compose
+from ..composition.comfy_bridge.stack import apply_stack
+from ..composition.plan import ComposeOptions
+from ..composition.runtime.clora import CLoraConcept
 from ..playground import latent
 from ..playground.model import LORA_DIR, PlaygroundModel, load_playground, lora_path
 from ..playground.scoring import CASES, Case, ImageScore, aggregate, case_named, score_image
 from ..playground.world import concept
+from ..retrieval.comfy_bridge import resolve_lora
 
 logger = logging.getLogger(__name__)
 
@@ -145,41 +150,32 @@ def encode(clip: Any, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def _stack(model: Any, concepts: Sequence[str], clip: Any = None, mode: str = "auto") -> tuple:
-    return LoomLoraStack.execute(model, lora_rows(concepts), clip=clip, mode=mode).result
+def _stack(model: Any, concepts: Sequence[str], clip: Any = None, mode: str = "auto") -> Any:
+    return apply_stack(model, clip, lora_rows(concepts), None, resolve=resolve_lora, mode=mode)
 
 
 def method_setup(method: str, playground: PlaygroundModel, case: Case) -> tuple[Any, list, list]:
-    """(MODEL, positive, negative) for ``method`` on ``case``, built with the real nodes as a workflow wires them."""
+    """(MODEL, positive, negative) for ``method`` on ``case``, built as a workflow wires the nodes (node defaults)."""
     model, clip = playground.patcher, playground.clip
     if method == "base":
         return model, encode(clip, case.prompt), encode(clip, "")
     if method in ("merged", "switch", "composite"):
-        stacked, stacked_clip = _stack(model, case.concepts, clip, mode=method)[:2]
-        return stacked, encode(stacked_clip, case.prompt), encode(stacked_clip, "")
+        stacked = _stack(model, case.concepts, clip, mode=method)
+        return stacked.model, encode(stacked.clip, case.prompt), encode(stacked.clip, "")
     if method in ("regional", "regional+refine", "regional@0.4"):
-        regions = None
+        regions: tuple = ()
         for region in case.regions:
-            adapters = _stack(model, region.concepts)[2] if region.concepts else None
-            regions = LoomRegion.execute(region.prompt, *region.box, adapters=adapters, regions=regions).result[0]
-        composed, positive = LoomCompose.execute(model, clip, case.prompt, regions,
-                                                 refinement=method == "regional+refine",
-                                                 rules_end_percent=0.4 if method == "regional@0.4" else 1.0
-                                                 ).result
-        return composed, positive, encode(clip, "")
+            entries = _stack(model, region.concepts).entries if region.concepts else ()
+            regions = make_region(region.prompt, region.box, None, entries, True, regions)
+        options = ComposeOptions(refinement=method == "regional+refine",
+                                 end_percent=0.4 if method == "regional@0.4" else 1.0)
+        composed = compose(model, clip, case.prompt, regions, options)
+        return composed.model, composed.conditioning, encode(clip, "")
     if method == "clora":
-        concepts = None
-        for name in case.concepts:
-            adapters = _stack(model, [name])[2]
-            concepts = LoomCLoraConcept.execute(adapters, case.prompt, concept(name).trigger,
-                                                concepts=concepts).result[0]
-        d = CLoraOptions()
-        fused, positive = LoomCLora.execute(
-            model, clip, case.prompt, concepts, step_size=d.step_size, update_end_percent=d.update_end_percent,
-            iterations=d.iterations, temperature=d.temperature, alpha=d.alpha, morphology=d.morphology,
-            kernel=d.kernel, fuse_start_percent=d.fuse_start_percent, map_size=d.map_size,
-            map_blocks=d.map_blocks).result[:2]
-        return fused, positive, encode(clip, "")
+        concepts = [CLoraConcept(case.prompt, concept(name).trigger, _stack(model, [name]).entries)
+                    for name in case.concepts]
+        fused = clora(model, clip, case.prompt, concepts, CLoraOptions())
+        return fused.model, fused.conditioning, encode(clip, "")
     raise QualityError(f"quality: unknown method {method!r}; known: {METHODS}")
 
 

@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def run_library(args: argparse.Namespace) -> int:
-    from ..retrieval.bench import floor_study, format_table, run_benchmark
+    from ..bench.library import floor_study, format_table, run_benchmark
 
     if args.floor:
         chosen, rows = floor_study(count=min(args.count, 600), seed=args.seed)

@@ -31,7 +31,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def run_compose(args: argparse.Namespace) -> int:
     _prepare(args)
-    from ..composition.comfy_bridge.bench_compose import run_compose_bench
+    from ..bench.compose import run_compose_bench
 
     rows = run_compose_bench(adapter_counts=args.adapters, region_counts=args.regions,
                              latent_hw=(args.latent, args.latent), rank=args.rank, repeats=args.repeats)
@@ -46,7 +46,7 @@ def run_compose(args: argparse.Namespace) -> int:
 
 def run_gates(args: argparse.Namespace) -> int:
     _prepare(args)
-    from ..composition.comfy_bridge.bench_gates import run_gates_bench
+    from ..bench.gates import run_gates_bench
 
     rows = run_gates_bench(adapter_counts=args.adapters, latent_hw=(args.latent, args.latent), rank=args.rank,
                            repeats=args.repeats)
@@ -61,7 +61,7 @@ def run_gates(args: argparse.Namespace) -> int:
 
 def run_clora(args: argparse.Namespace) -> int:
     _prepare(args)
-    from ..composition.comfy_bridge.bench_clora import run_clora_bench
+    from ..bench.clora import run_clora_bench
 
     rows = run_clora_bench(lora_counts=args.adapters, latent_hw=(args.latent, args.latent), rank=args.rank,
                            repeats=args.repeats)

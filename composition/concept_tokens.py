@@ -53,16 +53,17 @@ def split_words(segments: Sequence[str]) -> list[str]:
     return [w for segment in segments for w in segment.split()]
 
 
-def content_positions(token_ids: Sequence[object], special_ids: set[int]) -> list[int]:
+def content_positions(token_ids: Sequence[object], special_ids: set[int], strict: bool = True) -> list[int]:
     """Positions ``[T_content]`` of tokens that are not start/end/padding in the flat list ``token_ids [T]``.
 
-    A token that is not an int (a textual-inversion embedding vector) is refused: its words cannot be mapped."""
+    A token that is not an int (a textual-inversion embedding vector) is content; ``strict`` refuses it instead
+    (words cannot be mapped to it)."""
     out = []
     for i, t in enumerate(token_ids):
-        if not isinstance(t, int):
+        if not isinstance(t, int) and strict:
             raise ConceptTokenError(f"token {i} is an embedding vector, not a token id: prompts with "
                                     f"textual-inversion embeddings cannot be mapped to concept words")
-        if t not in special_ids:
+        if not isinstance(t, int) or t not in special_ids:
             out.append(i)
     return out
 

@@ -27,6 +27,7 @@ regions blend their LoRAs while attention stays a clean partition.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,14 +67,6 @@ class ActiveRules:
     @property
     def any(self) -> bool:
         return self.injection or self.isolation
-
-
-@dataclass(frozen=True)
-class AttentionRules:
-    """What the attention override needs: ``labels [L]`` int64 group per token, ``allowed [G, G]`` bool."""
-
-    labels: torch.Tensor
-    allowed: torch.Tensor
 
 
 def rule_applies(plan: Plan, rule: str, block_type: str, block_index: int, percent: float) -> bool:
@@ -203,40 +196,40 @@ def blend_base(h_regional: torch.Tensor, h_base: torch.Tensor, beta: float) -> t
     return torch.lerp(h_regional, h_base.to(h_regional.dtype), beta)
 
 
-def build_attention_rules(plan: Plan, token_masks: torch.Tensor, spans: TextSpans, rules: ActiveRules,
-                          image_first: bool = False, n_image_tokens: int | None = None) -> AttentionRules:
-    """Labels ``[L]`` and allowed ``[G, G]`` for one resolution and one rule state (build once, reuse)."""
-    labels = label_joint_sequence(plan, token_masks, spans, image_first, n_image_tokens)
-    return AttentionRules(labels=labels, allowed=allowed_groups(plan, rules))
-
-
 def region_text_weights(plan: Plan, spans: TextSpans, global_text: bool = False) -> torch.Tensor:
-    """Per text token per region weight ``[T, N]`` float32: region-k prompt tokens carry 1 for region k if
-    ``adapters_on_text``; with ``global_text`` the global prompt's tokens carry 1 for every such region (the
-    global prompt names every concept, so its words are read with every region's adapters, as a merged stack
-    would read them); everything else 0."""
+    """Per text token per region weight ``[T, N]`` float32: region-k prompt tokens carry 1 for region k; with
+    ``global_text`` the global prompt's tokens carry 1 for every region (the global prompt names every concept, so
+    its words are read with every region's adapters, as a merged stack would read them); everything else 0."""
     text = torch.zeros(spans.total, len(plan.regions))
     for k, span in enumerate(spans.region_spans):
-        if plan.regions[k].options.adapters_on_text:
-            text[span.start:span.end, k] = 1.0
-            if global_text:
-                text[spans.global_span.start:spans.global_span.end, k] = 1.0
+        text[span.start:span.end, k] = 1.0
+        if global_text:
+            text[spans.global_span.start:spans.global_span.end, k] = 1.0
     return text
 
 
 def region_token_weights(plan: Plan, token_masks: torch.Tensor, spans: TextSpans, image_first: bool = False,
-                         n_image_tokens: int | None = None, global_text: bool = False) -> torch.Tensor:
-    """Per-token per-region weight over the joint sequence: ``[B, L, N]`` float32 in [0, 1].
+                         n_image_tokens: int | None = None, global_text: bool = False,
+                         composed: Sequence[bool] | None = None, text_length: int | None = None) -> torch.Tensor:
+    """Per-token per-region weight over the joint sequence: ``[B, T + L_img, N]`` float32 in [0, 1].
 
-    Image tokens carry the soft coverage of each region (``token_masks [N, B, L_img]``), text tokens
-    :func:`region_text_weights`, extra image tokens 0.
+    Image tokens carry the soft coverage of each region (``token_masks [N, B, L_img]``), extra image tokens 0. Text
+    tokens of the batch entries that carry the composed prompt (``composed[b]``, default all) carry
+    :func:`region_text_weights`; other entries' text (an uncond, another prompt) carries 0, over ``text_length``
+    tokens (default ``spans.total``; another length only when no entry is composed).
     Multiply by each adapter's strength to get ``token_scale`` for :func:`kernels.multi_lora.masked_multi_lora`;
     slice ``[:, :T]`` / ``[:, T:]`` for the text / image streams of double blocks.
     """
     if token_masks.ndim != 3:
         raise PlanError(f"token_masks: expected [N, B, L_img], got {tuple(token_masks.shape)}")
     n, batch, grid = token_masks.shape
+    composed = tuple(composed) if composed is not None else (True,) * batch
+    length = spans.total if text_length is None else int(text_length)
+    if any(composed) and length != spans.total:
+        raise PlanError(f"composed entries with text length {length}, the plan has {spans.total}")
     extra = 0 if n_image_tokens is None else n_image_tokens - grid
     image = torch.cat([token_masks.permute(1, 2, 0).float(), torch.zeros(batch, max(extra, 0), n)], dim=1)
-    text = region_text_weights(plan, spans, global_text).expand(batch, -1, -1)
+    text = torch.zeros(batch, length, n)
+    if any(composed):
+        text[torch.tensor(composed)] = region_text_weights(plan, spans, global_text)
     return torch.cat([image, text], dim=1) if image_first else torch.cat([text, image], dim=1)

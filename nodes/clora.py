@@ -4,14 +4,15 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..composition.clora import MORPHOLOGY, CLoraOptions
-from ..composition.comfy_bridge.clora import CLoraConcept, clora
+from ..composition.comfy_bridge.clora import clora
 from ..composition.comfy_bridge.clora_masks import clora_masks
+from ..composition.runtime.clora import CLoraConcept
 from .checks import LoomNode
 from .regions import LoomRegions
 from .types import LoomAdapters
 
 LoomCLoraConcepts = io.Custom("LOOM_CLORA_CONCEPTS")  # tuple[CLoraConcept, ...]
-LoomCLoraHandle = io.Custom("LOOM_CLORA")             # the live CLoraComposition (masks of the latest run)
+LoomCLoraHandle = io.Custom("LOOM_CLORA")             # the CLoRA controller (masks of the latest run)
 
 
 class LoomCLoraConcept(LoomNode):

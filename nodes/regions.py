@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..composition.comfy_bridge.region_preview import combine_regions, make_region, preview_image
-from ..composition.comfy_bridge.regional import ComposeOptions, compose, parse_rule_blocks
-from ..composition.plan import BACKGROUND_MODES
+from ..composition.comfy_bridge.regional import compose
+from ..composition.plan import BACKGROUND_MODES, ComposeOptions, parse_rule_blocks
 from .checks import LoomNode
 from .types import LoomAdapters
 

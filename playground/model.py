@@ -130,7 +130,7 @@ class PlaygroundTokenizer:
     """ComfyUI tokenizer interface over :func:`text.tokenize`: ``{"playground": [[(id, weight[, word]), ...]]}``.
 
     It also carries the ``SDTokenizer`` attributes that word-to-token alignment reads (CLoRA's concept search,
-    ``composition/comfy_bridge/clora_tokens.py``): ``embedding_key``, the special ids and a per-word ``tokenizer``."""
+    ``composition/comfy_bridge/tokens.py``): ``embedding_key``, the special ids and a per-word ``tokenizer``."""
 
     embedding_key = "playground"
     start_token = text.VOCABULARY.index(text.START)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 RRF_K = 60
 # The relevance floor: a hit found only by meaning needs at least this cosine between the query and its caption
-# (chosen on a tuning set of queries by `loom bench library --floor`, see retrieval/bench.py: floor_study).
+# (chosen on a tuning set of queries by `loom bench library --floor`, see bench/library.py: floor_study).
 SEMANTIC_FLOOR = 0.25
 # Words that carry no subject: they neither match a LoRA on their own nor count as a reason it matched.
 STOP_WORDS = frozenset("a an and are as at be by for from in into is it of on or the to with".split())

@@ -1,6 +1,6 @@
 """CLoRA's masks after sampling: a ComfyUI MASK, a preview IMAGE and ``LOOM_REGIONS`` for ``Loom Compose``.
 
-``Loom CLoRA`` outputs the live :class:`~.clora.CLoraComposition` as a ``LOOM_CLORA`` handle; every cond model call
+``Loom CLoRA`` outputs its :class:`~..runtime.clora.CLoraController` as a ``LOOM_CLORA`` handle; every cond model call
 of a sampler using its MODEL records the concept masks of that call (the last call wins: the final step's masks).
 ``Loom CLoRA Masks`` takes the handle and the sampler's LATENT (only so ComfyUI runs it after sampling) and turns the
 record into masks at image resolution (latent size × 8), regions (one per LoRA: its prompt, its mask, its adapters)
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..clora import CLoraError
+from ..plan import ComposedRegion
 from .region_preview import make_region, preview_image
-from .regional import ComposedRegion
 
 logger = logging.getLogger(__name__)
 

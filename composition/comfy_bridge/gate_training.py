@@ -1,6 +1,6 @@
 """Train AutoLoRA learned gates on a ComfyUI Flux model with the gated stack in place.
 
-The gates sit inside the wrapped layers of a gated clone (``gated.py``); only their parameters train, the
+The gates sit inside the wrapped layers of a gated clone (``stack.install_gated``); only their parameters train, the
 model and the LoRAs stay frozen. One step is :func:`~..learned_gate.gate_training_step`: rectified-flow
 matching plus a hinge that asks the prediction under a mismatched prompt to be worse by a margin. The
 velocity comes from ComfyUI's ``BaseModel.apply_model`` (which returns the denoised latent ``x0̂``) as
@@ -30,7 +30,9 @@ from ..learned_gate import (
     gate_training_step,
 )
 from ..stack import StackEntry
-from .gated import GatedOptions, GatedStack, install_gated
+from ..runtime.core import Runtime
+from ..runtime.gated import GatedOptions
+from .stack import install_gated
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +57,17 @@ def fresh_gates(model: object, modules: Sequence[str]) -> LearnedGates:
     return LearnedGates(gates)
 
 
-def _checkpointed_block(source: GatedStack, module: torch.nn.Module, double: bool) -> Any:
+def _checkpointed_block(runtime: Runtime, module: torch.nn.Module, double: bool) -> Any:
     """A ``patches_replace["dit"]`` block running ``module`` (the block itself: ComfyUI's ``original_block``
     closes over its loop variable, so a later recomputation would run the last block) on copied inputs under
     checkpoint; the recomputation (during backward, after the model call) sees the forward's gate state."""
 
     def block(args: dict, extra: dict) -> dict:
-        state = source.current
+        state = runtime.current
         options = dict(args.get("transformer_options") or {})
 
         def run(inputs: dict) -> dict:
-            previous, source.current = source.current, state
+            previous, runtime.current = runtime.current, state
             try:
                 copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
                 if double:
@@ -75,7 +77,7 @@ def _checkpointed_block(source: GatedStack, module: torch.nn.Module, double: boo
                 return {"img": module(copy["img"], vec=copy["vec"], pe=copy["pe"], attn_mask=copy.get("attn_mask"),
                                       transformer_options=options)}
             finally:
-                source.current = previous
+                runtime.current = previous
 
         return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
 
@@ -94,7 +96,7 @@ def train_learned_gates(model: object, entries: Sequence[StackEntry], gates: Lea
     diffusion = clone.get_model_object("diffusion_model")
     for kind, blocks in (("double_block", diffusion.double_blocks), ("single_block", diffusion.single_blocks)):
         for index, module in enumerate(blocks):
-            clone.set_model_patch_replace(_checkpointed_block(result.gates, module, kind == "double_block"),
+            clone.set_model_patch_replace(_checkpointed_block(result.runtime, module, kind == "double_block"),
                                           "dit", kind, index)
     for parameter in gates.parameters():
         parameter.requires_grad_(True)

@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..plan import AdapterRef, PlanError, Region, RegionMask, RegionOptions
+from ..plan import ComposedRegion, PlanError, Region, RegionMask, RegionOptions
 from ..stack import StackEntry
-from .regional import ComposedRegion
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +28,11 @@ def make_region(prompt: str, box: tuple[float, float, float, float], mask: torch
                 entries: Sequence[StackEntry] = (), isolate: bool = True,
                 previous: Sequence[ComposedRegion] | None = None) -> tuple[ComposedRegion, ...]:
     """``previous`` + one region. ``mask`` (a ComfyUI MASK ``[B, H, W]`` or ``[H, W]``) overrides ``box``."""
-    refs = tuple(AdapterRef(name=e.name, sha256=e.adapter_set.sha256 or e.row.sha256, strength=e.row.strength)
-                 for e in entries)
     index = len(previous or ())
     if mask is not None:
-        region = Region(prompt=prompt, mask=RegionMask.from_array(mask, index), adapters=refs,
-                        options=RegionOptions(isolate=isolate))
+        region = Region(prompt=prompt, mask=RegionMask.from_array(mask, index), options=RegionOptions(isolate=isolate))
     else:
-        region = Region(prompt=prompt, box=tuple(float(v) for v in box), adapters=refs,
-                        options=RegionOptions(isolate=isolate))
+        region = Region(prompt=prompt, box=tuple(float(v) for v in box), options=RegionOptions(isolate=isolate))
     region.validate(index)
     return tuple(previous or ()) + (ComposedRegion(region, tuple(entries)),)
 

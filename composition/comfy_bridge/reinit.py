@@ -77,11 +77,11 @@ def reinitialise_noise(noise: torch.Tensor, maps: torch.Tensor, boxes: list[Toke
 
 
 class ConceptMaps:
-    """A probe for :class:`RegionalAttention`: accumulates concept maps ``[B, N, grid_h, grid_w]`` over double
+    """A probe for the regional attention: accumulates concept maps ``[B, N, grid_h, grid_w]`` over double
     blocks for the composed batch entries."""
 
-    def __init__(self, composition: Any):
-        self.composition = composition
+    def __init__(self, controller: Any):
+        self.controller = controller
         self.total: torch.Tensor | None = None
         self.count = 0
         self.entries: list[int] = []
@@ -92,7 +92,8 @@ class ConceptMaps:
         entries = [b for b, composed in enumerate(layout.composed) if composed]
         if not entries:
             return
-        positions = self.composition.prompts.concept_positions
+        concepts = self.controller.prompt.concepts
+        positions = [concepts[k] for k in sorted(concepts)]
         text_index = torch.tensor([p for region in positions for p in region], device=q.device)
         grid_h, grid_w = layout.grid
         start = layout.text_length
@@ -117,8 +118,8 @@ class ConceptMaps:
 class ReinitWrapper:
     """``WrappersMP.SAMPLER_SAMPLE``: probe once, re-initialise the noise, then sample as usual."""
 
-    def __init__(self, composition: Any):
-        self.composition = composition
+    def __init__(self, controller: Any):
+        self.controller = controller
 
     def __deepcopy__(self, memo: dict) -> "ReinitWrapper":
         return self
@@ -135,27 +136,27 @@ class ReinitWrapper:
     def reinitialised(self, sampler: Any, guider: Any, sigmas: torch.Tensor, extra_args: dict,
                       noise: torch.Tensor, latent_image: torch.Tensor | None) -> torch.Tensor:
         """The probing pass and the window copy; returns the new noise ``[B, C, H, W]``."""
-        composition = self.composition
+        controller = self.controller
         model_sampling = guider.inner_model.model_sampling
         latent = latent_image if latent_image is not None else torch.zeros_like(noise)
         max_denoise = bool(sampler.max_denoise(guider, sigmas)) if hasattr(sampler, "max_denoise") else True
         x = model_sampling.noise_scaling(sigmas[0], noise, latent, max_denoise)
-        probe = ConceptMaps(composition)
-        previous = composition.probe
-        composition.probe = probe
+        probe = ConceptMaps(controller)
+        previous = controller.probe
+        controller.probe = probe
         try:
             with torch.no_grad():
                 guider(x, sigmas[0] * x.new_ones((x.shape[0],)), model_options=extra_args.get("model_options", {}),
                        seed=extra_args.get("seed"))
         finally:
-            composition.probe = previous
+            controller.probe = previous
         maps = probe.maps()
         if maps is None:
             logger.warning("latent re-initialisation skipped: no batch entry carried the composed prompt")
             return noise
         grid_h, grid_w = maps.shape[-2:]
-        boxes = token_boxes(composition.plan.regions, grid_h, grid_w)
+        boxes = token_boxes(controller.plan.regions, grid_h, grid_w)
         per_sample = maps[:noise.shape[0]] if maps.shape[0] >= noise.shape[0] else maps[:1].expand(
             noise.shape[0], *maps.shape[1:])
         logger.debug("latent re-initialisation: %d boxes on a %dx%d token grid", len(boxes), grid_h, grid_w)
-        return reinitialise_noise(noise, per_sample.to(noise.device), boxes, composition.patch_size)
+        return reinitialise_noise(noise, per_sample.to(noise.device), boxes, controller.patch_size)

@@ -1,22 +1,26 @@
 """``Loom LoRA Stack``'s one function: rows (+ an incoming LORA_STACK) -> loaded entries -> merged patches, or
-per-token gated layers (``gated.py``) when the rows carry gates or a per-token mode is chosen.
+per-token gated layers (the gated controller, ``runtime/gated.py``, installed with the runtime) when the rows carry
+gates or a per-token mode is chosen.
 
 Modes: ``auto`` (merged unless a gate is attached), ``merged`` (ComfyUI's weight patches; gates refused, as
-merged weights cannot change during sampling), ``gated``, ``switch``, ``composite`` (see ``gated.py``). CLIP
-parts are merged into CLIP in every mode (the text encoder runs once, so a gate over sampling has no meaning
-there)."""
+merged weights cannot change during sampling), ``gated``, ``switch``, ``composite`` (see ``runtime/gated.py``).
+CLIP parts are merged into CLIP in every mode (the text encoder runs once, so a gate over sampling has no meaning
+there). Every wrapper and object patch lives on a clone; the input MODEL is untouched and no weight is written."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..adapter_gate import AdapterGate, attach_gates
 from ..gates import GateError
 from ..loading import load_adapter_set
+from ..runtime.core import Runtime
+from ..runtime.gated import MODES, GatedController, GatedOptions
 from ..stack import StackEntry, StackRow, parse_rows, rows_from_lora_stack, to_lora_stack, trigger_words
-from .gated import MODES, GatedOptions, install_gated
 from .merged import apply_merged
+from .runtime import install
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,24 @@ class StackResult:
     entries: tuple[StackEntry, ...]   # LOOM_ADAPTERS: the enabled, loaded rows for the composition nodes
     lora_stack: list                  # LORA_STACK for other packs: incoming items + our enabled rows
     trigger_words: str
+
+
+@dataclass(frozen=True)
+class GatedResult:
+    """The gated clone, its controller (the gates), its runtime and the adapter parts that cannot act per token."""
+
+    model: Any
+    gates: GatedController
+    runtime: Runtime
+    skipped: tuple[str, ...] = field(default_factory=tuple)
+
+
+def install_gated(model: Any, entries: Sequence[StackEntry], options: GatedOptions = GatedOptions()) -> GatedResult:
+    """Clone ``model`` and apply ``entries`` per token with their gates (``StackEntry.gate``) in ``options.mode``."""
+    controller = GatedController(entries, options)
+    installed = install(model, controller)
+    logger.info("gated LoRA stack: %d rows, mode %s", len(entries), options.mode)
+    return GatedResult(installed.model, controller, installed.runtime, installed.skipped)
 
 
 def load_entries(rows: list[StackRow], resolve: Resolver) -> list[StackEntry]:

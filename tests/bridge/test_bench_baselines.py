@@ -20,7 +20,7 @@ from lora_loom.bench.perf import (
     sample_steps,
 )
 from lora_loom.bench.report import format_table
-from lora_loom.composition.comfy_bridge.bench_compose import random_adapters
+from lora_loom.bench.compose import random_adapters
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 
 LATENT_HW = (16, 16)
@@ -136,7 +136,7 @@ def test_clora_runs_one_plus_n_passes(patcher) -> None:
     scene = _scene(patcher, adapters=2, regions=2, region_tokens=2)
     clora = baselines.clora_setup(patcher, scene)
     assert clora.passes == 3
-    assert [(int(p.context.shape[1]), p.positions) for p in clora.composition.prompts] == [
+    assert [(int(p.context.shape[1]), p.concepts) for p in clora.composition.prompts] == [
         (6, {0: (1,), 1: (2,)}), (6, {0: (1,)}), (6, {1: (2,)})]
     got = denoised(clora)
     assert torch.isfinite(got).all()

@@ -16,16 +16,15 @@ from comfy_models import tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
 from lora_loom.composition.clora import CLoraError, CLoraOptions, map_overlap
-from lora_loom.composition.comfy_bridge.clora import (
-    CLoraComposition,
-    CLoraConcept,
-    EncodedPrompt,
-    install_clora,
-)
+from lora_loom.composition.comfy_bridge.clora import clora_controller, latent_updates
 from lora_loom.composition.comfy_bridge.clora_masks import clora_masks
-from lora_loom.composition.comfy_bridge.clora_tokens import find_concept, sd_tokenizer
 from lora_loom.composition.comfy_bridge.merged import apply_merged
+from lora_loom.composition.comfy_bridge.runtime import install
+from lora_loom.composition.comfy_bridge.tokens import find_concept, sd_tokenizer
 from lora_loom.composition.concept_tokens import ConceptTokenError
+from lora_loom.composition.prompts import EncodedPrompt
+from lora_loom.composition.runtime.clora import CLoraConcept
+from lora_loom.composition.runtime.probes import gradient_scope
 from test_regional_mechanism import apply_model, entry, flux_modules, lora_set
 
 T, CONTEXT, POOLED = 8, 48, 32
@@ -34,8 +33,8 @@ NO_UPDATES = dict(iterations=0)
 
 def encoded(seed: int, positions: dict) -> EncodedPrompt:
     g = torch.Generator().manual_seed(seed)
-    return EncodedPrompt(f"prompt {seed}", torch.randn(1, T, CONTEXT, generator=g), torch.randn(1, POOLED, generator=g),
-                         positions)
+    return EncodedPrompt(f"prompt {seed}", torch.randn(1, T, CONTEXT, generator=g),
+                         {"pooled_output": torch.randn(1, POOLED, generator=g)}, None, positions)
 
 
 def composed(flux, n: int, **options):
@@ -44,8 +43,8 @@ def composed(flux, n: int, **options):
     base = encoded(100, {i: (1 + 2 * i,) for i in range(n)})
     prompts = (base,) + tuple(encoded(200 + i, {i: (2 + i,)}) for i in range(n))
     concepts = [CLoraConcept(p.text, f"c{i}", (entry(s),)) for i, (p, s) in enumerate(zip(prompts[1:], sets))]
-    composition = CLoraComposition(concepts, prompts, CLoraOptions(**options), 2)
-    clone, _ = install_clora(flux, composition)
+    composition = clora_controller(concepts, prompts, CLoraOptions(**options), 2)
+    clone = install(flux, composition).model
     return clone, composition, sets
 
 
@@ -117,21 +116,22 @@ def test_latent_updates_lower_the_loss_and_separate_the_maps(flux):
     clone, composition, _ = composed(flux, 2, step_size=5.0, iterations=1)
     x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(7))
     t = torch.full((1,), 0.9)
+    updates = latent_updates(clone)
     clone.patch_model()
     try:
         options = copy.copy(clone.model_options)
+
         def measure(z):
-            loss = composition.loss_at(clone.model, z, t, options).detach()
-            maps = composition.probe.maps()
+            loss = updates.loss_at(clone.model, z, t, options).detach()
+            maps = updates.probe.maps()
             overlap = map_overlap(torch.stack([maps[(0, 0)], maps[(0, 1)]]))  # base prompt's two concepts
             return float(loss), overlap
-        from lora_loom.composition.comfy_bridge.clora_probe import gradient_scope
         with gradient_scope():
             before = measure(x.clone())
         z = x
         with torch.inference_mode():
             for _ in range(6):
-                z = composition.update_latent(clone.model, z, t, options, 5.0)
+                z = updates.update_latent(clone.model, z, t, options, 5.0)
         with gradient_scope():
             after = measure(z.clone())
     finally:
@@ -192,3 +192,16 @@ def test_clip_only_tokenizer_and_override(tokenizer):
 def test_bad_options_fail_before_installing(flux):
     with pytest.raises(CLoraError, match="alpha"):
         composed(flux, 1, alpha=2.0)
+
+
+def test_clora_downstream_of_loom_compose_is_refused_with_a_clear_message(flux):
+    from test_regional_mechanism import box_region, compose_clone, prompts
+
+    from lora_loom.composition.plan import ComposeOptions
+    from lora_loom.composition.runtime.layers import LayerError
+
+    sets = [lora_set(flux, flux_modules(flux), seed=1, name="l0")]
+    composed_model, _ = compose_clone(flux, [box_region((0, 0, 1, 1), [entry(sets[0])])],
+                                      ComposeOptions(latent_reinit=False), prompts(flux, 4, [3]))
+    with pytest.raises(LayerError, match="carries Loom Compose upstream.*connect Loom CLoRA first"):
+        composed(composed_model, 1, **NO_UPDATES)

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from comfy_models import flux_inputs, tiny_flux
 from lora_loom.composition.adapter_gate import AdapterGate
 from lora_loom.composition.block_weights import parse_block_weights
-from lora_loom.composition.comfy_bridge import regional_layers
-from lora_loom.composition.comfy_bridge.gated import GatedOptions, install_gated
 from lora_loom.composition.comfy_bridge.merged import apply_merged
-from lora_loom.composition.comfy_bridge.regional import CallState, ComposeOptions
-from lora_loom.composition.comfy_bridge.regional_layers import RegionalLinearMixin
+from lora_loom.composition.comfy_bridge.stack import install_gated
+from lora_loom.composition.plan import ComposeOptions
+from lora_loom.composition.runtime import layers
+from lora_loom.composition.runtime.gated import GatedOptions, GatedState
+from lora_loom.composition.runtime.layers import LoomLinear
 from lora_loom.composition.gates import GateSchedule, Keyframe
 from lora_loom.composition.learned_gate import (
     load_learned_gates,
@@ -31,6 +32,7 @@ from test_regional_mechanism import (
     compose_clone,
     entry,
     flux_modules,
+    in_call,
     lora_set,
     prompts,
 )
@@ -67,7 +69,7 @@ def test_gate_one_everywhere_equals_the_ungated_layer_bit_for_bit(flux, inputs, 
     entries = [gated(entry(loras[0], 0.8), GateSchedule.constant("a", 1.0)), gated(entry(loras[1], 0.5))]
     result = install_gated(flux, entries)
     with_gates = run(result.model, inputs)
-    result.gates.adapter_gates = None  # the layers now find no gate hook: the plain per-token path
+    result.runtime.adapter_gates = lambda block_type, block_index: None  # no gates: the plain per-token path
     plain = run(result.model, inputs)
     assert torch.equal(with_gates, plain)
     merged = run(apply_merged(flux, None, [entry(loras[0], 0.8), entry(loras[1], 0.5)]).model, inputs)
@@ -78,8 +80,8 @@ def test_gate_one_everywhere_equals_the_ungated_layer_bit_for_bit(flux, inputs, 
 def test_gate_zero_is_bit_identical_to_no_lora_and_skips_the_matmuls(flux, inputs, loras, monkeypatch):
     chosen: list[int] = []
     exact: list[str] = []
-    original_kernel = regional_layers.masked_multi_lora_fast
-    original_exact = RegionalLinearMixin._exact_delta
+    original_kernel = layers.masked_multi_lora_fast
+    original_exact = LoomLinear._exact_delta
 
     def counting_kernel(x, stacked, scale, active=None):
         chosen.append(active.rank)
@@ -89,8 +91,8 @@ def test_gate_zero_is_bit_identical_to_no_lora_and_skips_the_matmuls(flux, input
         exact.append(self.loom_module)
         return original_exact(self, slot, x)
 
-    monkeypatch.setattr(regional_layers, "masked_multi_lora_fast", counting_kernel)
-    monkeypatch.setattr(RegionalLinearMixin, "_exact_delta", counting_exact)
+    monkeypatch.setattr(layers, "masked_multi_lora_fast", counting_kernel)
+    monkeypatch.setattr(LoomLinear, "_exact_delta", counting_exact)
     off = GateSchedule.constant("off", 0.0)
     result = install_gated(flux, [gated(entry(loras[0]), off), gated(entry(loras[1]), off)])
     assert torch.equal(run(result.model, inputs), run(flux, inputs))
@@ -159,12 +161,12 @@ def test_learned_gate_from_a_diffsynth_file_matches_the_formula(flux, loras, tmp
     assert len(params) == 9
     per_sample = "mod" in module
     x = torch.randn(2, 1 if per_sample else 10, layer.weight.shape[1], generator=torch.Generator().manual_seed(4))
-    from lora_loom.composition.comfy_bridge.gated import GatedCall
-    result.gates.current = GatedCall(0.3, None, -1, x.device)
+    ones = torch.ones(1, 1, 1)
+    result.runtime.current = (GatedState({"img": ones, "txt": ones, "joint": ones}, frozenset({0}), 0.3, None, -1),)
     try:
         out = layer(x)
     finally:
-        result.gates.current = None
+        result.runtime.current = None
     of_a = {id(a) for a in loras[0].adapters[module]}
     slots = [(0.8 * 0.5 if id(s.adapter) in of_a else 0.6, s) for s in layer.loom_learned]
     assert torch.allclose(out, _direct_learned(layer, params, x, slots), atol=1e-5, rtol=1e-5)
@@ -183,13 +185,10 @@ def test_regions_carry_their_entries_gates(flux, inputs, loras):
     assert torch.equal(early, apply_model(without, inputs["x"], 0.95, encoded.context, inputs["y"]))
     late = apply_model(with_gate, inputs["x"], 0.1, encoded.context, inputs["y"])
     assert not torch.allclose(late, apply_model(without, inputs["x"], 0.1, encoded.context, inputs["y"]), atol=1e-4)
-    assert composition.gate_book is not None and len(composition.gate_book) == 1
+    assert len(composition.book) == 1
     layout = composition.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu"))
-    composition.current = CallState(layout, 0.2)
-    try:
-        assert composition.adapter_gates("double", 0) == (0.0,)
-    finally:
-        composition.current = None
+    with in_call(with_gate, layout, 0.2) as runtime:
+        assert runtime.adapter_gates("double", 0) == (0.0,)
 
 
 def test_gated_stack_leaves_the_input_model_untouched(flux, inputs, loras):
@@ -199,3 +198,23 @@ def test_gated_stack_leaves_the_input_model_untouched(flux, inputs, loras):
     run(result.model, inputs)
     assert flux.object_patches == {} and flux.wrappers == {}
     assert torch.equal(run(flux, inputs), before)
+
+
+def test_a_gated_stack_feeds_loom_compose(flux, inputs, loras):
+    """Gated stack -> Loom Compose on one runtime: gate 1 == the same row merged upstream of Compose (per-token rows
+    equal merged weights to fp32 rounding), gate 0 == Compose alone, bit for bit."""
+    options = ComposeOptions(latent_reinit=False, start_percent=0.0, end_percent=1.0)
+    encoded = prompts(flux, 4, [3, 3])
+    regions = [box_region((0.0, 0.0, 0.5, 1.0), [entry(loras[1])]), box_region((0.5, 0.0, 1.0, 1.0), [])]
+
+    def composed(upstream):
+        clone, _ = compose_clone(upstream, regions, options, encoded)
+        return apply_model(clone, inputs["x"], SIGMA, encoded.context, inputs["y"])
+
+    on = composed(install_gated(flux, [gated(entry(loras[0], 0.8), GateSchedule.constant("a", 1.0))]).model)
+    merged = composed(apply_merged(flux, None, [entry(loras[0], 0.8)]).model)
+    alone = composed(flux)
+    assert (merged - alone).abs().max() > 1e-2  # the stack's row matters
+    assert (on - merged).abs().max() <= 2e-5
+    off = composed(install_gated(flux, [gated(entry(loras[0]), GateSchedule.constant("a", 0.0))]).model)
+    assert torch.equal(off, alone)

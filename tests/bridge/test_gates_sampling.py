@@ -20,8 +20,9 @@ from lora_loom.composition.comfy_bridge.gate_training import (
     fresh_gates,
     train_learned_gates,
 )
-from lora_loom.composition.comfy_bridge.gated import GatedOptions, install_gated
 from lora_loom.composition.comfy_bridge.merged import apply_merged
+from lora_loom.composition.comfy_bridge.stack import install_gated
+from lora_loom.composition.runtime.gated import GatedOptions
 from lora_loom.composition.gates import GateSchedule, flux_sigma_to_percent
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
@@ -49,19 +50,20 @@ def gated(entry_, schedule: GateSchedule | None = None):
     return replace(entry_, gate=AdapterGate(lora=entry_.row.lora, schedule=schedule))
 
 
-def record_gates(source) -> list[dict]:
-    """Replace the source's gate hook (on the instance) by one that records every layer's answer."""
+def record_gates(runtime) -> list[dict]:
+    """Replace the runtime's gate hook (on the instance) by one that records every layer's answer, per pass."""
     calls: list[dict] = []
-    hook = source.adapter_gates
+    hook = runtime.adapter_gates
 
     def recording(block_type: str, block_index: int):
         values = hook(block_type, block_index)
-        if not calls or calls[-1]["percent"] != source.current.percent or calls[-1]["solo"] != source.current.solo:
-            calls.append({"percent": source.current.percent, "solo": source.current.solo, "values": {}})
+        (state,) = runtime.current
+        if not calls or calls[-1]["percent"] != state.percent or calls[-1]["solo"] != state.solo:
+            calls.append({"percent": state.percent, "solo": state.solo, "values": {}})
         calls[-1]["values"][(block_type, block_index)] = values
         return values
 
-    source.adapter_gates = recording
+    runtime.adapter_gates = recording
     return calls
 
 
@@ -94,7 +96,7 @@ REFERENCE = [
 def test_schedule_values_per_step_match_the_reference_table(flux, inputs, loras, keyframes, interpolation, expected):
     schedule = GateSchedule("a", parse_keyframes(keyframes), interpolation)
     result = install_gated(flux, [gated(entry(loras[0]), schedule)])
-    calls = record_gates(result.gates)
+    calls = record_gates(result.runtime)
     sample(result.model, inputs)
     assert len(calls) == STEPS
     sampling = flux.model.model_sampling
@@ -120,12 +122,12 @@ def test_schedule_values_per_step_match_the_reference_table(flux, inputs, loras,
 
 def test_lora_switch_runs_one_adapter_per_step_in_turn(flux, inputs, loras):
     result = install_gated(flux, [entry(loras[0]), entry(loras[1])], GatedOptions("switch", switch_every=1))
-    calls = record_gates(result.gates)
+    calls = record_gates(result.runtime)
     sample(result.model, inputs)
     active = [[i for i, v in enumerate(next(iter(c["values"].values()))) if v != 0.0] for c in calls]
     assert active == [[0], [1], [0], [1]]
     every_two = install_gated(flux, [entry(loras[0]), entry(loras[1])], GatedOptions("switch", switch_every=2))
-    calls = record_gates(every_two.gates)
+    calls = record_gates(every_two.runtime)
     sample(every_two.model, inputs)
     assert [[i for i, v in enumerate(next(iter(c["values"].values()))) if v != 0.0] for c in calls] == \
         [[0], [0], [1], [1]]
@@ -190,7 +192,7 @@ def test_no_weight_is_repatched_during_sampling(flux, inputs, loras):
     result = install_gated(merged, [gated(entry(loras[0]), GateSchedule("a", parse_keyframes("0:1, 1:0"),
                                                                          "linear"))])
     clone = result.model
-    calls = record_gates(result.gates)
+    calls = record_gates(result.runtime)
     short_keys, short_unpatch = _count_patching(clone, inputs, 2)
     calls.clear()
     keys, unpatched = _count_patching(clone, inputs, 6)

@@ -41,7 +41,7 @@ import torch
 torch.set_num_threads(1)
 import test_regional_mechanism as m
 from comfy_models import flux_inputs, tiny_flux
-from lora_loom.composition.comfy_bridge.regional import ComposeOptions
+from lora_loom.composition.plan import ComposeOptions
 from lora_loom.kernels import joint_attention_triton, multi_lora_triton
 
 calls = {"lora": 0, "attention": 0, "previous": 0}
@@ -81,10 +81,10 @@ plain = m.apply_model(flux, inputs["x"], m.HIGH_SIGMA, encoded.context, inputs["
 
 # autograd (latent refinement differentiates through layers and attention): the torch path, gradients flow
 import comfy.ldm.modules.attention as attention
-from lora_loom.composition.comfy_bridge.clora_probe import gradient_scope
-from lora_loom.composition.comfy_bridge.regional import CallState
+from lora_loom.composition.runtime.probes import gradient_scope
 clone, composition, _ = m.two_regions(flux, options)
-composition.current = CallState(composition.layout_for(16, 16, 1, 1, 0, (True,), torch.device("cpu")), 0.0)
+call = m.in_call(clone, composition.layout_for(16, 16, 1, 1, 0, (True,), torch.device("cpu")))
+call.__enter__()
 layer = clone.object_patches["diffusion_model.double_blocks.0.img_attn.qkv"]
 override = clone.model_options["transformer_options"]["optimized_attention_override"]
 gen = torch.Generator().manual_seed(4)
@@ -96,7 +96,7 @@ with gradient_scope():  # as refine.py differentiates: out of inference mode, gr
     loss = layer(x).square().sum() + override(attention.attention_pytorch, q, q, q, 2, skip_reshape=True, mask=None,
                                               transformer_options={"block_type": "double", "block_index": 0}).sum()
     grads = torch.autograd.grad(loss, [x, q])
-composition.current = None
+call.__exit__(None, None, None)
 
 # a kernel that fails to compile or launch: warned once, torch for the rest of the process, sampling goes on
 import logging

@@ -13,18 +13,14 @@ import torch
 from comfy_models import tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
-from lora_loom.composition.comfy_bridge.refine import WRAPPER_KEY, RefineWrapper
-from lora_loom.composition.comfy_bridge.regional import (
-    ComposeOptions,
-    RegionalComposition,
-    build_plan,
-    install,
-)
+from lora_loom.composition.comfy_bridge.refine import RefineWrapper
+from lora_loom.composition.plan import ComposeOptions
 from lora_loom.composition.refine import RefineOptions
 from test_regional_mechanism import (
     LEFT,
     RIGHT,
     box_region,
+    compose_clone,
     entry,
     flux_modules,
     lora_set,
@@ -37,13 +33,12 @@ def composed(flux, refine: bool):
     b = lora_set(flux, flux_modules(flux), seed=2, name="b")
     regions = [box_region(LEFT, [entry(a)], prompt="left"), box_region(RIGHT, [entry(b)], prompt="right")]
     encoded = prompts(flux, 4, [3, 3])
-    options = ComposeOptions(latent_reinit=False)
-    composition = RegionalComposition(build_plan("global", regions, options), encoded, options, 2)
-    clone, _ = install(flux, composition, regions)
-    wrapper = None
-    if refine:
-        wrapper = RefineWrapper(composition, RefineOptions(step=2.0))
-        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, wrapper)
+    options = ComposeOptions(latent_reinit=False, refinement=refine, refine=RefineOptions(step=2.0))
+    clone, _ = compose_clone(flux, regions, options, encoded)
+    kind = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+    wrappers = [w for group in clone.wrappers.get(kind, {}).values() for w in group if isinstance(w, RefineWrapper)]
+    assert len(wrappers) == int(refine)
+    wrapper = wrappers[0] if refine else None
     return clone, encoded, wrapper
 
 

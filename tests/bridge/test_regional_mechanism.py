@@ -7,15 +7,18 @@ mixed batches.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
 
 from lora_loom.composition.adapters import AdapterSet, LoRA
 from lora_loom.composition.adapters.common import Offset
-from lora_loom.composition.comfy_bridge.regional import (ComposedRegion, ComposeOptions, EncodedPrompts,
-                                                         RegionalComposition, build_plan, install)
-from lora_loom.composition.plan import Region, TextSpans
+from lora_loom.composition.comfy_bridge.regional import build_plan, regional_controller
+from lora_loom.composition.comfy_bridge.runtime import install, runtime_of
+from lora_loom.composition.plan import ComposedRegion, ComposeOptions, Region, TextSpans
+from lora_loom.composition.prompts import EncodedPrompt
+from lora_loom.composition.runtime.regional import RegionalState
 from lora_loom.composition.stack import StackEntry, StackRow
 
 IMAGE_MODULES = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "img_mod.lin")
@@ -61,21 +64,32 @@ def entry(adapter_set: AdapterSet, strength: float = 1.0, blocks: str = "") -> S
                       adapter_set=adapter_set, path=adapter_set.source)
 
 
-def prompts(patcher, global_length: int, region_lengths: list[int], seed: int = 5) -> EncodedPrompts:
+def prompts(patcher, global_length: int, region_lengths: list[int], seed: int = 5) -> EncodedPrompt:
     """Random text embeddings standing in for CLIP output, with the composed spans."""
     width = patcher.model.model_config.unet_config["context_in_dim"]
     spans = TextSpans.from_lengths(global_length, region_lengths)
     gen = torch.Generator().manual_seed(seed)
     context = torch.randn(1, spans.total, width, generator=gen)
-    concept = tuple(tuple(range(s.start, s.end)) for s in spans.region_spans)
-    return EncodedPrompts(context, {}, spans, concept)
+    concepts = {k: tuple(range(s.start, s.end)) for k, s in enumerate(spans.region_spans)}
+    return EncodedPrompt("composed", context, {}, None, concepts, spans)
 
 
-def compose_clone(patcher, regions: list[ComposedRegion], options: ComposeOptions, encoded: EncodedPrompts):
+def compose_clone(patcher, regions: list[ComposedRegion], options: ComposeOptions, encoded: EncodedPrompt):
+    """(clone, regional controller) for ``regions`` over the composed prompt ``encoded``."""
     plan = build_plan("global", regions, options)
-    composition = RegionalComposition(plan, encoded, options, patcher.model.diffusion_model.patch_size)
-    clone, _ = install(patcher, composition, regions)
-    return clone, composition
+    controller = regional_controller(plan, encoded, regions, patcher.model.diffusion_model.patch_size)
+    return install(patcher, controller).model, controller
+
+
+@contextlib.contextmanager
+def in_call(clone, layout, percent: float = 0.0):
+    """The clone's runtime in a model call of one regional pass with ``layout`` (its only controller)."""
+    runtime = runtime_of(clone)
+    runtime.current = (RegionalState(layout.weights, layout.active, percent, layout),)
+    try:
+        yield runtime
+    finally:
+        runtime.current = None
 
 
 def box_region(box, adapters=(), prompt: str = "region", **region_fields) -> ComposedRegion:
@@ -114,7 +128,7 @@ import pytest
 
 from comfy_models import flux_inputs, tiny_flux
 from lora_loom.composition.comfy_bridge.merged import apply_merged
-from lora_loom.composition.comfy_bridge.regional_layers import RegionalLinearMixin
+from lora_loom.composition.runtime.layers import LoomLinear
 from lora_loom.composition.regional import ActiveRules, allowed_groups
 from lora_loom.kernels.probes import attention_probabilities
 
@@ -260,14 +274,10 @@ def test_probed_probabilities_obey_the_rules(flux, inputs):
         everything = torch.arange(q.shape[2])
         full = attention_probabilities(q, k, everything, everything, labels=labels, allowed=allowed)
         v = torch.randn(q.shape, generator=torch.Generator().manual_seed(block_index))
-        from lora_loom.composition.comfy_bridge.regional import CallState
-        composition.current = CallState(layout, 0.0)
-        try:
+        with in_call(clone, layout):
             out = clone.model_options["transformer_options"]["optimized_attention_override"](
                 attention.attention_pytorch, q, k, v, q.shape[1], skip_reshape=True, mask=None,
                 transformer_options={"block_type": block_type, "block_index": block_index})
-        finally:
-            composition.current = None
         expected = (full.probabilities @ v.float()).transpose(1, 2).reshape(out.shape)
         assert torch.allclose(out, expected, atol=1e-5)
 
@@ -298,24 +308,20 @@ def test_stacked_adapters_equal_the_per_adapter_reference(flux, inputs, module):
     options = ComposeOptions(latent_reinit=False)
     clone, composition, encoded = two_regions(flux, options, strength_b=0.6)
     layer = _wrapped(clone, module)
-    assert isinstance(layer, RegionalLinearMixin)
+    assert isinstance(layer, LoomLinear)
     layout = composition.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu"))
-    from lora_loom.composition.comfy_bridge.regional import CallState
     weights = layout.weights[layer.loom_stream]  # [1, L, 2]
     per_sample = module.endswith("mod.lin") or module.endswith("modulation.lin")
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(1, 1 if per_sample else weights.shape[1], layer.weight.shape[1], generator=gen)
-    composition.current = CallState(layout, 0.0)
-    try:
+    with in_call(clone, layout):
         out = layer(x)
-    finally:
-        composition.current = None
     base = torch.nn.functional.linear(x, layer.weight, layer.bias)
     expected = base.expand(1, weights.shape[1], -1).clone()
     for slot in layer.loom_cache["slots"]:
         y = slot.adapter.bypass_delta(x)
         rows = slice(slot.adapter.offset.start, slot.adapter.offset.stop) if slot.adapter.offset else slice(None)
-        expected[..., rows] += slot.strength * weights[..., slot.region:slot.region + 1] * y
+        expected[..., rows] += slot.strength * weights[..., slot.group:slot.group + 1] * y
     assert out.shape == expected.shape
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
     untouched = weights.sum(-1) == 0  # global text tokens: exactly the base layer

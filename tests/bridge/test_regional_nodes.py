@@ -2,6 +2,7 @@
 LoRA-Composer latent re-initialisation (window search, renormalisation, the probing pass)."""
 from __future__ import annotations
 
+import types
 import zlib
 
 import pytest
@@ -10,16 +11,21 @@ import torch
 import comfy.sample
 from comfy_models import tiny_flux
 from lora_loom.composition.adapters import AdapterSet, LoRA
-from lora_loom.composition.comfy_bridge.regional import ComposeOptions, compose, parse_rule_blocks
+from lora_loom.composition.comfy_bridge.regional import compose
 from lora_loom.composition.comfy_bridge.reinit import (ConceptMaps, ReinitWrapper, TokenBox, best_window,
                                                       reinitialise_noise)
-from lora_loom.composition.plan import PlanError
+from lora_loom.composition.comfy_bridge.runtime import runtime_of
+from lora_loom.composition.plan import ComposeOptions, PlanError, parse_rule_blocks
 from lora_loom.composition.stack import StackEntry, StackRow
 from lora_loom.nodes.regions import LoomCompose, LoomRegion, LoomRegionPreview, LoomRegionsCombine
 
 
 class StubClip:
-    """Tokenize/encode like a CLIP-L: 8 tokens (start, words, end, padding) -> ``[1, 8, context_in_dim]``."""
+    """Tokenize/encode like a CLIP-L: 8 tokens (start, words, end, padding) -> ``[1, 8, context_in_dim]``; its
+    tokenizer tells its special tokens as ComfyUI's ``SDTokenizer`` does."""
+
+    tokenizer = types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None, start_token=49406, end_token=49407,
+                                                                   pad_token=49407))
 
     def __init__(self, width: int = 48, pooled: int = 32):
         self.width, self.pooled = width, pooled
@@ -64,7 +70,7 @@ def regions(flux):
 
 def test_regions_chain_combine_and_mask_overrides_box(regions):
     assert [r.region.prompt for r in regions] == ["a red fox", "a blue bird"]
-    assert regions[1].region.adapters[0].name == "bird.safetensors"
+    assert regions[1].entries[0].name == "bird.safetensors"
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:8, 4:12] = 1.0
     (masked,) = LoomRegion.execute("sky", 0.1, 0.1, 0.2, 0.2, mask=mask).args
@@ -160,7 +166,7 @@ def test_latent_reinit_probes_once_and_changes_the_sample(flux, regions):
         with_reinit = _sample(model, conditioning, conditioning, 1.0)
     finally:
         ConceptMaps.observe = original
-    assert reinit.composition.probe is None
+    assert reinit.controller.probe is None
     assert [s for s in seen if s[0] == "double"] == [("double", 0), ("double", 1)]  # one probing pass
     without, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, latent_reinit=False).args
     assert torch.isfinite(with_reinit).all()
@@ -168,7 +174,7 @@ def test_latent_reinit_probes_once_and_changes_the_sample(flux, regions):
 
 
 def test_bench_compose_gives_one_row_per_combination():
-    from lora_loom.composition.comfy_bridge.bench_compose import bench_model, run_compose_bench
+    from lora_loom.bench.compose import bench_model, run_compose_bench
 
     rows = run_compose_bench(bench_model(depth=1, depth_single_blocks=1), adapter_counts=(1, 2),
                              region_counts=(1, 2), latent_hw=(8, 8), prompt_tokens=4, rank=2, repeats=1)
@@ -179,19 +185,34 @@ def test_bench_compose_gives_one_row_per_combination():
 def test_refinement_switch_installs_the_refine_wrapper_on_the_clone_only(flux, regions):
     import comfy.patcher_extension
 
-    from lora_loom.composition.comfy_bridge.refine import WRAPPER_KEY, RefineWrapper
+    from lora_loom.composition.comfy_bridge.refine import RefineWrapper
 
-    kind = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+    def refiners(model):
+        kind = comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+        return [w for group in model.wrappers.get(kind, {}).values() for w in group if isinstance(w, RefineWrapper)]
+
     refined, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=True).args
     plain, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions, refinement=False).args
-    assert [type(w) for w in refined.get_wrappers(kind, WRAPPER_KEY)] == [RefineWrapper]
-    assert plain.get_wrappers(kind, WRAPPER_KEY) == []
-    assert flux.get_wrappers(kind, WRAPPER_KEY) == []
+    (wrapper,) = refiners(refined)
+    assert wrapper.runtime is runtime_of(refined) and wrapper.options == ComposeOptions().refine
+    assert refiners(plain) == [] and refiners(flux) == []
 
 
-def test_composing_an_already_composed_model_is_refused_with_a_clear_message(flux, regions):
-    from lora_loom.composition.comfy_bridge.regional_layers import RegionalLayerError
-
-    composed, _ = LoomCompose.execute(flux, StubClip(), "a meadow", regions).args
-    with pytest.raises(RegionalLayerError, match="already carries Loom per-token adapters"):
-        LoomCompose.execute(composed, StubClip(), "a meadow", regions)
+def test_composing_an_already_composed_model_chains_on_one_runtime(flux, regions):
+    """Loom Compose on a composed MODEL: one runtime with both compositions, every layer wrapped once (re-viewed),
+    the upstream MODEL unchanged; its attention override is replaced, not stacked."""
+    once, conditioning = LoomCompose.execute(flux, StubClip(), "a meadow", regions, latent_reinit=False).args
+    twice, _ = LoomCompose.execute(once, StubClip(), "a meadow", regions, latent_reinit=False).args
+    upstream, chained = runtime_of(once), runtime_of(twice)
+    assert len(upstream.controllers) == 1 and chained.controllers[0] is upstream.controllers[0]
+    assert len(chained.controllers) == 2 and chained.group_offsets == [0, 2]
+    key = "diffusion_model.double_blocks.0.img_attn.qkv"
+    layer = twice.object_patches[key]
+    assert layer.loom_source is chained and {s.group for s in layer.loom_cache["slots"]} == {0, 1, 2, 3}
+    assert layer.__dict__ is flux.get_model_object(key).__dict__
+    override = twice.model_options["transformer_options"]["optimized_attention_override"]
+    assert override.runtime is chained and override.previous is None
+    negative = [[torch.zeros_like(conditioning[0][0]), dict(conditioning[0][1])]]
+    single, double = _sample(once, conditioning, negative, 1.0), _sample(twice, conditioning, negative, 1.0)
+    assert torch.isfinite(double).all() and (double - single).abs().max() > 1e-4  # the second composition acts
+    assert torch.equal(_sample(once, conditioning, negative, 1.0), single)

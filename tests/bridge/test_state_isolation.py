@@ -3,9 +3,11 @@
 ComfyUI restores a model's weights lazily: after a merged LoRA run the shared model still holds the merged weights
 until another patcher takes the model over. A per-token wrapper must therefore compute with whatever ComfyUI has put
 in place at sampling time, never with weights captured when the node ran. Every Loom per-token mode (Loom Compose,
-the gated stack in each mode, CLoRA) is sampled first, then again after each kind of predecessor (a merged Loom
-stack, ComfyUI's own LoRA loader, core hook LoRAs, another Loom mode, another base model), and must be bit-identical;
-a plain run after it must be bit-identical to a plain run before it. No test here unloads models between runs.
+the gated stack in each mode, CLoRA, and chains of them on one runtime: a gated stack into Loom Compose, Loom CLoRA
+into Loom Compose, LoRA Composite into Loom CLoRA) is sampled first, then again after each kind of predecessor (a
+merged Loom stack, ComfyUI's own LoRA loader, core hook LoRAs, another Loom mode, another base model), and must be
+bit-identical; a plain run after it must be bit-identical to a plain run before it. No test here unloads models
+between runs.
 """
 from __future__ import annotations
 
@@ -21,11 +23,15 @@ from comfy_models import tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
 from lora_loom.composition.clora import CLoraOptions
-from lora_loom.composition.comfy_bridge.clora import CLoraComposition, CLoraConcept, EncodedPrompt, install_clora
-from lora_loom.composition.comfy_bridge.gated import GatedOptions, install_gated
+from lora_loom.composition.comfy_bridge.clora import clora_controller
 from lora_loom.composition.comfy_bridge.merged import apply_merged
-from lora_loom.composition.comfy_bridge.regional import ComposeOptions
-from lora_loom.composition.comfy_bridge.regional_layers import RegionalLinearMixin
+from lora_loom.composition.comfy_bridge.runtime import install
+from lora_loom.composition.comfy_bridge.stack import install_gated
+from lora_loom.composition.plan import ComposeOptions
+from lora_loom.composition.prompts import EncodedPrompt
+from lora_loom.composition.runtime.clora import CLoraConcept
+from lora_loom.composition.runtime.gated import GatedOptions
+from lora_loom.composition.runtime.layers import LoomLinear
 from test_regional_mechanism import box_region, compose_clone, entry, flux_modules, lora_set, prompts
 
 T, CONTEXT, POOLED = 8, 48, 32
@@ -75,15 +81,27 @@ def _gated(mode: str):
 
 def _clora(flux, sets):
     g = torch.Generator().manual_seed(7)
-    made = [EncodedPrompt(f"p{i}", torch.randn(1, T, CONTEXT, generator=g), torch.randn(1, POOLED, generator=g),
+    made = [EncodedPrompt(f"p{i}", torch.randn(1, T, CONTEXT, generator=g),
+                          {"pooled_output": torch.randn(1, POOLED, generator=g)}, None,
                           {j: (1 + 2 * j,) for j in range(2)} if i == 0 else {i - 1: (2 + i,)}) for i in range(3)]
     concepts = [CLoraConcept(made[i + 1].text, f"c{i}", (entry(sets[i]),)) for i in range(2)]
-    clone, _ = install_clora(flux, CLoraComposition(concepts, tuple(made), CLoraOptions(iterations=0), 2))
+    clone = install(flux, clora_controller(concepts, made, CLoraOptions(iterations=0), 2)).model
     return clone, _cond(made[0].context, made[0].pooled)
 
 
+def _chained(first, second):
+    """``second`` installed on the MODEL ``first`` returned: one runtime running both (sampled with the
+    conditioning of ``second``)."""
+    def build(flux, sets):
+        upstream, _ = first(flux, sets)
+        return second(upstream, sets)
+    return build
+
+
 PER_TOKEN = {"compose": _compose, "gated": _gated("gated"), "switch": _gated("switch"),
-             "composite": _gated("composite"), "clora": _clora}
+             "composite": _gated("composite"), "clora": _clora,
+             "gated>compose": _chained(_gated("gated"), _compose), "clora>compose": _chained(_clora, _compose),
+             "composite>clora": _chained(_gated("composite"), _clora)}
 
 
 def _merged_stack(flux, sets):
@@ -151,7 +169,7 @@ def test_wrapper_is_a_view_of_the_live_module(flux, sets):
     clone, _ = _compose(flux, sets)
     key = "diffusion_model.double_blocks.0.img_attn.qkv"
     wrapper, original = clone.object_patches[key], flux.get_model_object(key)
-    assert isinstance(wrapper, RegionalLinearMixin) and not isinstance(original, RegionalLinearMixin)
+    assert isinstance(wrapper, LoomLinear) and not isinstance(original, LoomLinear)
     replaced = torch.nn.Parameter(original.weight.detach() * 2, requires_grad=False)
     saved = original.weight
     try:
@@ -160,4 +178,7 @@ def test_wrapper_is_a_view_of_the_live_module(flux, sets):
     finally:
         original.weight = saved
     assert not any(name.startswith("loom_") for name in vars(original))
+    chained, _ = _chained(_gated("gated"), _compose)(flux, sets)  # a downstream runtime re-views the same module
+    assert chained.object_patches[key].__dict__ is original.__dict__
+    assert type(chained.object_patches[key]) is type(wrapper)
     comfy.model_management.unload_all_models()

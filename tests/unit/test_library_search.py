@@ -123,7 +123,7 @@ def test_caption_carries_every_field() -> None:
 
 
 def test_benchmark_runs_on_a_small_library(tmp_path: Path) -> None:
-    from lora_loom.retrieval.bench import format_table, run_benchmark
+    from lora_loom.bench.library import format_table, run_benchmark
 
     rows = run_benchmark(count=60, folder=tmp_path / "bench", queries=10)
     by_metric = {row.metric: row for row in rows}

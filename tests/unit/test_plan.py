@@ -1,15 +1,13 @@
-"""Plan: JSON round trip, token masks (boxes, masks, odd sizes), text spans and every error case."""
+"""Plan: Loom Compose's options and the rules they imply, token masks (boxes, masks, odd sizes), text spans and
+every error case."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from lora_loom.composition.plan import (PLAN_VERSION, AdapterRef, MethodOptions, Plan, PlanError,
-                                        RefinementOptions, Region, RegionMask, RegionOptions, RuleSchedule,
-                                        TextSpans, TokenSpan, region_token_masks)
+from lora_loom.composition.plan import (ComposeOptions, Plan, PlanError, Region, RegionMask, RuleSchedule, TextSpans,
+                                        TokenSpan, parse_rule_blocks, region_token_masks)
 
 
 def _mask(h: int, w: int, rows: slice, cols: slice, batch: int | None = None) -> RegionMask:
@@ -18,51 +16,33 @@ def _mask(h: int, w: int, rows: slice, cols: slice, batch: int | None = None) ->
     return RegionMask.from_array(m if batch is None else m.expand(batch, h, w))
 
 
-def _full_plan() -> Plan:
-    return Plan(
-        global_prompt="two friends in a park",
-        regions=(
-            Region("a cat", box=(0.0, 0.0, 0.5, 1.0), adapters=(AdapterRef("cat.safetensors", "ab" * 32, 0.8),)),
-            Region("a dog", box=(64, 0, 128, 96), box_units="pixels", canvas_width=128, canvas_height=96,
-                   options=RegionOptions(isolate=False, adapters_on_text=False)),
-            Region("a hat", mask=RegionMask.from_array(torch.rand(1, 7, 5) * 0.9 + 0.05),
-                   adapters=(AdapterRef("hat"), AdapterRef("style", None, -0.5))),
-        ),
-        background="shared",
-        rules=(RuleSchedule("injection", frozenset({0, 2, 4}), None, 0.0, 0.3),
-               RuleSchedule("isolation", None, frozenset(), 0.1, 1.0)),
-        options=MethodOptions(base_ratio=0.3, latent_reinit=True,
-                              refinement=RefinementOptions(enabled=True, max_steps=10)),
-    ).validate()
+def test_options_give_the_rules_and_defaults_are_the_nodes() -> None:
+    plan = Plan("g", ())
+    assert plan.background == "global" and plan.options.latent_reinit and plan.options.end_percent == 1.0
+    assert [r.rule for r in plan.rules] == ["injection", "isolation", "base_blend"]
+    assert all(r == RuleSchedule(r.rule) for r in plan.rules)  # every block, the whole of sampling
+    options = ComposeOptions(isolation=False, base_ratio=0.0, double_blocks=frozenset({1}), end_percent=0.4)
+    assert options.rules() == (RuleSchedule("injection", frozenset({1}), None, 0.0, 0.4),)
 
 
-def test_json_round_trip_is_exact() -> None:
-    plan = _full_plan()
-    text = json.dumps(plan.to_dict())
-    again = Plan.from_dict(json.loads(text))
-    assert again == plan
-    assert json.loads(text)["version"] == PLAN_VERSION
-    assert torch.equal(again.regions[2].mask.to_tensor(), plan.regions[2].mask.to_tensor())
-
-
-@pytest.mark.parametrize("mutate, field", [
-    (lambda d: d.update(version=99), "plan.version"),
-    (lambda d: d.update(background="everywhere"), "plan.background"),
-    (lambda d: d["rules"][0].update(rule="teleport"), "plan.rules[0].rule"),
-    (lambda d: d["rules"][1].update(start_percent=0.9, end_percent=0.2), "plan.rules[1].start_percent"),
-    (lambda d: d["rules"][0].pop("rule"), "plan.rules[0]"),
-    (lambda d: d["options"].update(base_ratio=1.5), "plan.options.base_ratio"),
-    (lambda d: d["options"].update(colour="red"), "plan.options"),
-    (lambda d: d["regions"][2]["mask"].update(shape=[3, 3]), "plan.regions[2].mask"),
-    (lambda d: d["regions"][0].update(box=[0.5, 0.0, 0.5, 1.0]), "plan.regions[0].box"),
-    (lambda d: d["regions"][0]["adapters"][0].update(name=""), "plan.regions[0].adapters[0].name"),
-    (lambda d: d["regions"][1]["adapters"].append({"name": "x", "bogus": 1}), "plan.regions[1].adapters/options"),
+@pytest.mark.parametrize("changes, field", [
+    (dict(background="everywhere"), "plan.options.background"),
+    (dict(base_ratio=1.5), "plan.options.base_ratio"),
+    (dict(region_threshold=0.0), "plan.options.region_threshold"),
+    (dict(attention_path="sparse"), "plan.options.attention_path"),
+    (dict(start_percent=0.9, end_percent=0.2), "plan.options.start_percent"),
+    (dict(double_blocks=frozenset({-1})), "plan.options.double_blocks"),
 ])
-def test_from_dict_errors_name_the_field(mutate, field: str) -> None:
-    d = json.loads(json.dumps(_full_plan().to_dict()))
-    mutate(d)
-    with pytest.raises(PlanError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        Plan.from_dict(d)
+def test_option_errors_name_the_field(changes: dict, field: str) -> None:
+    with pytest.raises(PlanError, match=field):
+        Plan("g", (), ComposeOptions(**changes)).validate()
+
+
+def test_rule_blocks_text() -> None:
+    assert parse_rule_blocks("all") == (None, None)
+    assert parse_rule_blocks("d0-2 s5, single7") == (frozenset({0, 1, 2}), frozenset({5, 7}))
+    with pytest.raises(PlanError, match="cannot read 'dx'"):
+        parse_rule_blocks("dx")
 
 
 @pytest.mark.parametrize("region, field", [
@@ -70,10 +50,8 @@ def test_from_dict_errors_name_the_field(mutate, field: str) -> None:
     (Region("r", box=(0.2, 0.9, 0.6, 0.3)), "regions[0].box: zero"),
     (Region("r", box=(-0.1, 0.0, 0.5, 0.5)), "regions[0].box: .* outside"),
     (Region("r", box=(0.0, 0.0, 1.2, 0.5)), "regions[0].box: .* outside"),
-    (Region("r", box=(0, 0, 200, 50), box_units="pixels", canvas_width=128, canvas_height=96),
-     "regions[0].box: .* outside"),
-    (Region("r", box=(0, 0, 20, 50), box_units="pixels"), "regions[0].canvas_width"),
-    (Region("r", box=(0, 0, 1, 1), box_units="inches"), "regions[0].box_units"),
+    (Region("r", box=(0, 0, 20, 50)), "regions[0].box: .* outside"),
+    (Region("r", box=(0, 0, 1)), "regions[0].box: expected 4 numbers"),
     (Region("r"), "regions[0].box: give exactly one"),
     (Region("r", box=(0, 0, 1, 1), mask=_mask(4, 4, slice(0, 2), slice(0, 2))), "regions[0].box: give exactly one"),
 ])
@@ -113,12 +91,6 @@ def test_box_partial_token_coverage_value() -> None:
     grid = region_token_masks(plan, 8, 8)[0, 0].reshape(4, 4)
     assert grid[0].tolist() == pytest.approx([1.0, 0.5, 0.0, 0.0])
     assert grid[1:].abs().sum() == 0
-
-
-def test_pixel_box_equals_normalised_box() -> None:
-    pixels = Plan("g", (Region("r", box=(32, 24, 96, 72), box_units="pixels", canvas_width=128, canvas_height=96),))
-    normalised = Plan("g", (Region("r", box=(0.25, 0.25, 0.75, 0.75)),))
-    assert torch.equal(region_token_masks(pixels, 12, 16), region_token_masks(normalised, 12, 16))
 
 
 @pytest.mark.parametrize("mask_h, mask_w", [(64, 64), (8, 8), (4, 4), (96, 32)])
@@ -167,9 +139,3 @@ def test_text_spans_from_lengths_and_errors() -> None:
         TextSpans(TokenSpan(0, 5), (TokenSpan(10, 14),), 12).validate()
     with pytest.raises(PlanError, match="region_spans\\[0\\]"):
         TextSpans.from_lengths(5, [0])
-
-
-def test_json_without_rules_gets_default_rules() -> None:
-    d = _full_plan().to_dict()
-    d.pop("rules")
-    assert Plan.from_dict(d).rules == Plan("g", ()).rules and len(Plan("g", ()).rules) == 3

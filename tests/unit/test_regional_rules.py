@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from lora_loom.composition.plan import (MethodOptions, Plan, PlanError, Region, RegionOptions, RuleSchedule,
-                                        TextSpans, region_token_masks)
+from lora_loom.composition.plan import (ComposeOptions, Plan, PlanError, Region, RegionOptions, TextSpans,
+                                        region_token_masks)
 from lora_loom.composition.regional import (BACKGROUND_IMAGE, GLOBAL_TEXT, ActiveRules, active_rules,
-                                            allowed_groups, base_allowed, blend_base, build_attention_rules,
-                                            label_joint_sequence, region_image_group, region_text_group,
-                                            region_token_weights, rule_applies)
+                                            allowed_groups, base_allowed, blend_base, label_joint_sequence,
+                                            region_image_group, region_text_group, region_token_weights,
+                                            rule_applies)
 from lora_loom.kernels.probes import attention_probabilities
 
 T0, BG = GLOBAL_TEXT, BACKGROUND_IMAGE
@@ -23,7 +23,7 @@ def _plan(background: str = "global", isolate_second: bool = True) -> Plan:
     return Plan("a street", (Region("a cat", box=(0.0, 0.0, 0.25, 1.0)),
                              Region("a dog", box=(0.75, 0.0, 1.0, 1.0),
                                     options=RegionOptions(isolate=isolate_second))),
-                background=background).validate()
+                ComposeOptions(background=background)).validate()
 
 
 ON = ActiveRules(injection=True, isolation=True, base_blend=False)
@@ -59,7 +59,6 @@ def test_regions_see_the_global_prompt_only_when_asked() -> None:
     assert not strict[I1, T0] and not strict[I2, T0] and open_[I1, T0] and open_[I2, T0]
     changed = (strict != open_).nonzero().tolist()
     assert sorted(changed) == sorted([[I1, T0], [I2, T0]])
-    assert Plan.from_dict(seeing.to_dict()).options.regions_see_global is True
 
 
 def test_all_rules_off_is_unrestricted() -> None:
@@ -91,7 +90,7 @@ def test_labels_layout_and_image_first() -> None:
     ([[0.4], [0.3]], 0.25, I1),
 ])
 def test_overlap_assignment(values: list[list[float]], threshold: float, expected: int) -> None:
-    plan = Plan("g", _plan().regions, options=MethodOptions(region_threshold=threshold))
+    plan = Plan("g", _plan().regions, ComposeOptions(region_threshold=threshold))
     labels = label_joint_sequence(plan, torch.tensor(values), TextSpans.from_lengths(1, [1, 1]))
     assert labels[-1].item() == expected
 
@@ -113,17 +112,21 @@ def test_n_image_tokens_smaller_than_grid_raises() -> None:
         label_joint_sequence(_plan(), torch.zeros(2, 16), TextSpans.from_lengths(1, [1, 1]), n_image_tokens=4)
 
 
-def test_rule_schedule() -> None:
-    plan = Plan("g", (), rules=(RuleSchedule("injection", frozenset({0, 2}), None, 0.0, 0.5),
-                                RuleSchedule("isolation", None, frozenset(), 0.2, 1.0)))
-    cases = [("injection", "double", 0, 0.0, True), ("injection", "double", 1, 0.1, False),
+def test_rule_schedule_follows_the_options() -> None:
+    options = ComposeOptions(isolation=False, double_blocks=frozenset({0, 2}), single_blocks=frozenset({3}),
+                             start_percent=0.2, end_percent=0.5)
+    plan = Plan("g", (), options)
+    cases = [("injection", "double", 0, 0.2, True), ("injection", "double", 1, 0.3, False),
              ("injection", "double", 2, 0.49, True), ("injection", "double", 2, 0.5, False),
-             ("injection", "single", 37, 0.3, True), ("isolation", "single", 3, 0.5, False),
-             ("isolation", "double", 18, 0.1, False), ("isolation", "double", 18, 1.0, True),
-             ("base_blend", "double", 0, 0.0, False)]
+             ("injection", "double", 0, 0.1, False), ("injection", "single", 3, 0.3, True),
+             ("injection", "single", 37, 0.3, False), ("isolation", "double", 0, 0.3, False),
+             ("base_blend", "double", 0, 0.3, True)]
     for rule, block_type, index, percent, expected in cases:
         assert rule_applies(plan, rule, block_type, index, percent) is expected, (rule, block_type, index, percent)
-    assert active_rules(plan, "double", 0, 0.3) == ActiveRules(True, True, False)
+    assert active_rules(plan, "double", 0, 0.3) == ActiveRules(True, False, True)
+    assert active_rules(Plan("g", (), ComposeOptions(base_ratio=0.0)), "double", 0, 0.0) == ActiveRules(True, True,
+                                                                                                       False)
+    assert rule_applies(Plan("g", ()), "isolation", "single", 37, 1.0)  # a window ending at 1 includes the end
     with pytest.raises(PlanError, match="block_type 'triple'"):
         rule_applies(plan, "injection", "triple", 0, 0.0)
 
@@ -145,17 +148,32 @@ def test_base_allowed_and_blend() -> None:
 
 
 def test_region_token_weights() -> None:
-    plan = Plan("g", (Region("a", box=(0, 0, 0.375, 1)), Region("b", box=(0.5, 0, 1, 1),
-                                                                 options=RegionOptions(adapters_on_text=False))))
+    plan = Plan("g", (Region("a", box=(0, 0, 0.375, 1)), Region("b", box=(0.5, 0, 1, 1))))
     masks = region_token_masks(plan, 8, 8, batch=2)
     spans = TextSpans.from_lengths(2, [3, 1])
     weights = region_token_weights(plan, masks, spans)
     assert weights.shape == (2, 6 + 16, 2)
-    assert weights[:, 2:5, 0].eq(1).all() and weights[:, :2].eq(0).all() and weights[:, 5, 1].eq(0).all()
+    assert weights[:, 2:5, 0].eq(1).all() and weights[:, :2].eq(0).all() and weights[:, 5, 1].eq(1).all()
+    assert weights[:, 2:5, 1].eq(0).all() and weights[:, 5, 0].eq(0).all()
     assert weights[0, 6:10, 0].tolist() == [1.0, 0.5, 0.0, 0.0] and weights[0, 6:10, 1].tolist() == [0, 0, 1, 1]
     shared = region_token_weights(plan, masks, spans, global_text=True)
-    assert shared[:, :2, 0].eq(1).all() and shared[:, :2, 1].eq(0).all()  # b keeps its adapters off text
+    assert shared[:, :2].eq(1).all()  # the global prompt is read with every region's adapters
     assert torch.equal(shared[:, 2:], weights[:, 2:])
+
+
+def test_region_token_weights_of_entries_without_the_composed_prompt() -> None:
+    """An uncond batched with the composed prompt keeps the image weights and gets no text weights; a call with no
+    composed entry may have another text length; extra image tokens (reference latents) weigh 0."""
+    plan = Plan("g", (Region("a", box=(0, 0, 0.5, 1)),))
+    masks = region_token_masks(plan, 8, 8, batch=2)
+    spans = TextSpans.from_lengths(2, [3])
+    mixed = region_token_weights(plan, masks, spans, n_image_tokens=18, global_text=True, composed=(True, False))
+    assert mixed.shape == (2, 5 + 18, 1) and mixed[0, :5].eq(1).all() and mixed[1, :5].eq(0).all()
+    assert torch.equal(mixed[0, 5:], mixed[1, 5:]) and mixed[:, -2:].eq(0).all()
+    other = region_token_weights(plan, masks, spans, composed=(False, False), text_length=7)
+    assert other.shape == (2, 7 + 16, 1) and other[:, :7].eq(0).all() and torch.equal(other[:, 7:], mixed[:, 5:21])
+    with pytest.raises(PlanError, match="text length 7, the plan has 5"):
+        region_token_weights(plan, masks, spans, composed=(True, False), text_length=7)
 
 
 @pytest.mark.parametrize("background", ["global", "isolated", "shared"])
@@ -164,16 +182,16 @@ def test_probed_probabilities_respect_rules(background: str) -> None:
     torch.manual_seed(0)
     plan = _plan(background)
     spans = TextSpans.from_lengths(3, [2, 2])
-    rules = build_attention_rules(plan, region_token_masks(plan, 8, 8), spans, ON)
-    length = rules.labels.shape[0]
+    labels, allowed = label_joint_sequence(plan, region_token_masks(plan, 8, 8), spans), allowed_groups(plan, ON)
+    length = labels.shape[0]
     q, k = torch.randn(2, 1, 2, length, 8).unbind(0)
     everything = torch.arange(length)
-    probe = attention_probabilities(q, k, everything, everything, labels=rules.labels, allowed=rules.allowed, chunk=5)
+    probe = attention_probabilities(q, k, everything, everything, labels=labels, allowed=allowed, chunk=5)
     assert torch.allclose(probe.row_sums, torch.ones_like(probe.row_sums), atol=1e-5)
-    forbidden = ~rules.allowed[rules.labels[:, None], rules.labels[None, :]]
+    forbidden = ~allowed[labels[:, None], labels[None, :]]
     assert probe.probabilities[..., forbidden].abs().max() == 0
     assert probe.probabilities[..., ~forbidden].min() > 0
-    region0_images = (rules.labels == I1).nonzero().flatten()
-    region1_prompt = (rules.labels == T2).nonzero().flatten()
-    cross = attention_probabilities(q, k, region0_images, region1_prompt, labels=rules.labels, allowed=rules.allowed)
+    region0_images = (labels == I1).nonzero().flatten()
+    region1_prompt = (labels == T2).nonzero().flatten()
+    cross = attention_probabilities(q, k, region0_images, region1_prompt, labels=labels, allowed=allowed)
     assert cross.probabilities.abs().max() == 0

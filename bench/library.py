@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .library import Library
-from .text_encoders import HashedTextEncoder
+from ..retrieval.library import Library
+from ..retrieval.text_encoders import HashedTextEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """``loom bench clora``: step cost and peak memory of CLoRA against the plain model, for N LoRAs.
 
-Per N (default 1, 2, 4) on one Flux model (``bench_compose.bench_model`` unless given) with N random LoRAs:
+Per N (default 1, 2, 4) on one Flux model (``compose.bench_model`` unless given) with N random LoRAs:
 
 - ``base``: one plain ``apply_model`` call (the model without LoRAs, one pass);
 - ``fused``: one CLoRA call without a latent update (1 + N passes batched, probes, masked fusion);
@@ -23,9 +23,12 @@ from typing import Any
 import comfy.patcher_extension
 import torch
 
-from ..clora import CLoraOptions
-from .bench_compose import bench_model, random_adapters
-from .clora import CLoraComposition, CLoraConcept, EncodedPrompt, install_clora
+from ..composition.clora import CLoraOptions
+from ..composition.comfy_bridge.clora import clora_controller, latent_updates
+from ..composition.comfy_bridge.runtime import install
+from ..composition.prompts import EncodedPrompt
+from ..composition.runtime.clora import CLoraConcept
+from .compose import bench_model, random_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def run_clora_bench(model: Any = None, lora_counts: Sequence[int] = (1, 2, 4), l
 
     def prompt(concepts: dict) -> EncodedPrompt:
         return EncodedPrompt("bench", torch.randn(1, prompt_tokens, config["context_in_dim"], generator=gen),
-                             torch.randn(1, config["vec_in_dim"], generator=gen), concepts)
+                             {"pooled_output": torch.randn(1, config["vec_in_dim"], generator=gen)}, None, concepts)
 
     rows = []
     for n in lora_counts:
@@ -122,8 +125,9 @@ def run_clora_bench(model: Any = None, lora_counts: Sequence[int] = (1, 2, 4), l
         base = prompt({i: (1 + i,) for i in range(n)})
         prompts = (base,) + tuple(prompt({i: (1 + i,)}) for i in range(n))
         concepts = [CLoraConcept("bench", f"c{i}", (entries[i],)) for i in range(n)]
-        composition = CLoraComposition(concepts, prompts, options, int(patcher.model.diffusion_model.patch_size))
-        clone, _ = install_clora(patcher, composition)
+        controller = clora_controller(concepts, prompts, options, int(patcher.model.diffusion_model.patch_size))
+        clone = install(patcher, controller).model
+        updates = latent_updates(clone)
         context = base.context.to(device, dtype)
         y = base.pooled.to(device, dtype)
         results: dict[str, tuple[float, float]] = {}
@@ -144,7 +148,7 @@ def run_clora_bench(model: Any = None, lora_counts: Sequence[int] = (1, 2, 4), l
             model_options = {"transformer_options": _options_of(clone)}
 
             def update() -> Any:
-                return composition.update_latent(clone.model, x, sigma, model_options, options.step_size)
+                return updates.update_latent(clone.model, x, sigma, model_options, options.step_size)
             results["update"] = (_timed(update, repeats, device), _measure(update, device))
         finally:
             clone.unpatch_model()

@@ -1,10 +1,12 @@
-"""Concept token positions with ComfyUI's own tokenizers (CLIP-L's ``SDTokenizer``, T5-XXL's in Flux).
+"""Prompts through the workflow's CLIP, and which of their tokens carry content or name a concept, by ComfyUI's
+own tokenizers (CLIP-L's ``SDTokenizer``, T5-XXL's in Flux): one encoder for Loom Compose and Loom CLoRA.
 
 ``clip.tokenizer`` is an ``SD1Tokenizer`` (``clip_l``), a ``FluxTokenizer`` (``clip_l`` + ``t5xxl``) or similar;
 its ``tokenize_with_weights(text)`` returns ``{key: [[(id, weight), ...] per chunk]}``. The conditioning Flux
 reads is the encoder whose flat token count equals the context length (T5 on Flux, CLIP-L on the demo model).
 Words come from ComfyUI's own weight parser (``token_weights``) and are tokenised one by one with the key's
-HF tokenizer, then aligned (pure code in :mod:`lora_loom.composition.concept_tokens`).
+HF tokenizer, then aligned (pure code in :mod:`lora_loom.composition.concept_tokens`). Content tokens are those that
+are not the encoder's start, end or padding token (``special_ids``).
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from ..concept_tokens import (
     ConceptTokenError,
     PromptWord,
     concept_positions,
+    content_positions,
     parse_token_override,
     split_words,
     word_token_positions,
 )
+from ..prompts import EncodedPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +81,19 @@ def find_concept(tokenizer: Any, key: str, text: str, concept: str, override: st
         sd_tok = sd_tokenizer(tokenizer, key)
         return parse_token_override(override, flat_ids(tokens, key), special_ids(sd_tok), text)
     return concept_positions(prompt_words(tokenizer, key, text, tokens), concept, text)
+
+
+def encode(clip: Any, text: str) -> tuple[EncodedPrompt, dict, str | None]:
+    """``text`` through ``clip``: the encoded prompt (content tokens by the tokenizer of the encoder whose token
+    count is the context length; unknown when none matches), the tokenizer's output and that encoder's key."""
+    tokens = clip.tokenize(text)
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    context = out.pop("cond")
+    extra = {k: v for k, v in out.items() if k != "attention_mask"}
+    try:
+        key = context_key(tokens, int(context.shape[1]))
+        special = special_ids(sd_tokenizer(clip.tokenizer, key))
+    except ConceptTokenError:
+        return EncodedPrompt(text, context, extra), tokens, None
+    content = tuple(content_positions(flat_ids(tokens, key), special, strict=False))
+    return EncodedPrompt(text, context, extra, content), tokens, key

@@ -12,21 +12,23 @@ import logging
 import statistics
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import torch
+from typing import Any
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.supported_models
+import torch
 
-from ..adapters import AdapterSet, LoRA
-from ..plan import Region, TextSpans
-from ..stack import StackEntry, StackRow
-from .merged import apply_merged
-from .regional import ComposedRegion, ComposeOptions, EncodedPrompts, RegionalComposition, build_plan, install
+from ..composition.adapters import AdapterSet, LoRA
+from ..composition.comfy_bridge.merged import apply_merged
+from ..composition.comfy_bridge.regional import build_plan, regional_controller
+from ..composition.comfy_bridge.runtime import install
+from ..composition.plan import ComposedRegion, ComposeOptions, Region, TextSpans
+from ..composition.prompts import EncodedPrompt
+from ..composition.stack import StackEntry, StackRow
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def random_adapters(patcher: Any, count: int, rank: int) -> list[StackEntry]:
     return entries
 
 
-def _step_ms(patcher: Any, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
+def step_ms(patcher: Any, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor, repeats: int) -> float:
     """Median milliseconds of one ``apply_model`` call with the patcher's patches, options and wrappers."""
     patcher.patch_model()
     try:
@@ -137,15 +139,15 @@ def run_compose_bench(model: Any = None, adapter_counts: Sequence[int] = (1, 2, 
                        for k in range(n_regions)]
             spans = TextSpans.from_lengths(prompt_tokens, [prompt_tokens] * n_regions)
             context = torch.randn(1, spans.total, width, generator=gen)
-            prompts = EncodedPrompts(context, {}, spans,
-                                     tuple(tuple(range(s.start, s.end)) for s in spans.region_spans))
+            prompt = EncodedPrompt("bench", context, {}, None,
+                                   {k: tuple(range(s.start, s.end)) for k, s in enumerate(spans.region_spans)}, spans)
             options = ComposeOptions(latent_reinit=False, attention_path=attention_path, end_percent=1.0)
-            composition = RegionalComposition(build_plan("bench", regions, options), prompts, options,
-                                              int(patcher.model.diffusion_model.patch_size))
-            composed, _ = install(patcher, composition, regions)
+            controller = regional_controller(build_plan("bench", regions, options), prompt, regions,
+                                             int(patcher.model.diffusion_model.patch_size))
+            composed = install(patcher, controller).model
             context = context.to(device, dtype)
-            merged_ms = _step_ms(merged, x, context, y, repeats)
-            composed_ms = _step_ms(composed, x, context, y, repeats)
+            merged_ms = step_ms(merged, x, context, y, repeats)
+            composed_ms = step_ms(composed, x, context, y, repeats)
             row = BenchRow(count, n_regions, merged_ms, composed_ms)
             logger.info("bench compose: %d adapters, %d regions: merged %.1f ms, composed %.1f ms (x%.2f)",
                         count, n_regions, merged_ms, composed_ms, row.ratio)

@@ -1,8 +1,7 @@
 """CLoRA's attention probes and the gradient machinery of its latent updates (shared with LoRA-Composer refinement).
 
-Probes. :class:`ProbeAttention` is an ``optimized_attention_override`` (chained with any override already there)
-that hands ``q, k [B, H, L, D]`` of every Flux block to the composition's active :class:`ConceptProbe`, then calls
-downstream unchanged. The probe computes, for the blocks it reads, each row's concept maps: the probability that
+Probes. The CLoRA controller's attention hands ``q, k [B, H, L, D]`` of every Flux block to the pass's
+:class:`ConceptProbe`, then calls downstream unchanged. The probe computes, for the blocks it reads, each row's concept maps: the probability that
 image queries put on the concept's text tokens (explicit softmax over all keys, ``kernels.probes``), averaged
 over heads, tokens and blocks, at reduced resolution (image queries strided so the grid's longer side is at most
 ``map_size``; the keys stay complete, so the probabilities are exact).
@@ -31,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from ...kernels.probes import text_to_image_maps
+from ..plan import parse_rule_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,19 @@ def plain_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().clone()
 
 
+def shifted_prediction(executor: Callable, x: torch.Tensor, updated: torch.Tensor, timestep: torch.Tensor,
+                       model_options: dict, seed: Any, sigmas: Any, step: int) -> torch.Tensor:
+    """The sampler's prediction (``PREDICT_NOISE`` ``executor``) at the updated latent z', shifted by
+    ``(z' − z)·σ_next/(σ − σ_next)`` so the sampler's step from z lands where a first-order step from z' lands (exact
+    for Euler / first-order samplers, an approximation for higher-order ones)."""
+    sigma = float(timestep.flatten()[0])
+    sigma_next = float(sigmas[step + 1]) if step + 1 < len(sigmas) else 0.0
+    out = executor(updated, timestep, model_options, seed)
+    if sigma - sigma_next <= 0:
+        return out
+    return out + (updated - x).to(out) * (sigma_next / (sigma - sigma_next))
+
+
 @dataclass(frozen=True)
 class ProbeBlocks:
     """Blocks whose maps are read: ``double``/``single`` index sets (None = every block of that type)."""
@@ -99,8 +112,6 @@ class ProbeBlocks:
 
 def parse_probe_blocks(text: str) -> ProbeBlocks:
     """``"all-double"`` (every double block), ``"all"``, or ``"d3-10 s0-5"`` items (0-based, inclusive)."""
-    from .regional import parse_rule_blocks
-
     cleaned = text.strip().lower()
     if cleaned in ("", "all-double", "double"):
         return ProbeBlocks(None, frozenset())
@@ -173,27 +184,6 @@ class ConceptProbe:
     def maps(self) -> dict[tuple[int, int], torch.Tensor]:
         """(row, concept) -> map ``[qh, qw]`` averaged over the blocks read."""
         return {key: total / self.counts[key] for key, total in self.sums.items()}
-
-
-class ProbeAttention:
-    """``optimized_attention_override``: show q, k to the composition's probe, then attend as before."""
-
-    def __init__(self, composition: Any, previous: Callable | None = None):
-        self.composition = composition
-        self.previous = previous
-
-    def __deepcopy__(self, memo: dict) -> ProbeAttention:
-        return self
-
-    def __call__(self, func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
-        probe = self.composition.probe
-        options = kwargs.get("transformer_options") or {}
-        if probe is not None and not args and kwargs.get("skip_reshape") and q.ndim == 4:
-            probe.observe(q, k, options.get("block_type"), int(options.get("block_index", 0)))
-        if self.previous is not None:
-            return self.previous(func, q, k, v, heads, *args, **kwargs)
-        return func(q, k, v, heads, *args, **kwargs)
 
 
 def checkpointed_blocks(transformer_options: dict, n_double: int, last: tuple[str, int]) -> dict:

@@ -1,6 +1,6 @@
 """``loom bench gates``: per-step cost of gated LoRAs against ungated per-token and merged LoRAs.
 
-The same random LoRAs (``bench_compose.random_adapters``) are applied to one Flux model in several ways and
+The same random LoRAs (``compose.random_adapters``) are applied to one Flux model in several ways and
 one ``BaseModel.apply_model`` call ("step") is timed ``repeats`` times after a warm-up (median kept):
 
 * ``merged``: ComfyUI's weight patches (no time variation possible without re-patching);
@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
-from ..adapter_gate import AdapterGate
-from ..block_weights import parse_block_weights
-from ..gates import GateSchedule, Keyframe
-from .bench_compose import _step_ms, bench_model, random_adapters
-from .gate_training import fresh_gates
-from .gated import GatedOptions, install_gated
-from .merged import apply_merged
+from ..composition.adapter_gate import AdapterGate
+from ..composition.block_weights import parse_block_weights
+from ..composition.comfy_bridge.gate_training import fresh_gates
+from ..composition.comfy_bridge.merged import apply_merged
+from ..composition.comfy_bridge.stack import install_gated
+from ..composition.gates import GateSchedule, Keyframe
+from ..composition.runtime.gated import GatedOptions
+from .compose import bench_model, random_adapters, step_ms
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,9 @@ def run_gates_bench(model: Any = None, adapter_counts: Sequence[int] = (1, 2, 4)
     rows = []
     for count in adapter_counts:
         entries = random_adapters(patcher, count, rank)
-        merged_ms = _step_ms(_variant(patcher, entries, "merged"), x, context, y, repeats)
+        merged_ms = step_ms(_variant(patcher, entries, "merged"), x, context, y, repeats)
         for variant in variants:
-            ms = merged_ms if variant == "merged" else _step_ms(_variant(patcher, entries, variant), x, context, y,
+            ms = merged_ms if variant == "merged" else step_ms(_variant(patcher, entries, variant), x, context, y,
                                                                repeats)
             row = GateBenchRow(variant, count, ms, merged_ms)
             logger.info("bench gates: %d adapters, %s: %.1f ms (x%.2f of merged)", count, variant, ms, row.ratio)
