@@ -11,7 +11,8 @@
 # (tests/unit/test_triton_kernels.py: compiled kernels vs torch references in bf16 and fp32, head dim 128, long
 # sequences, >2^31-element offsets where memory allows), perf-512/perf-1024 (loom bench perf at Flux-dev size:
 # 1/4/16 adapters x 1/4 regions; base, merged, regional with and without base blending, gates, hooks, composite,
-# dense per-head; step time, ratio to merged, FLOP limit, peak memory per method), and dynamic/ (the merged-mode
+# dense per-head; step time, ratio to merged, FLOP limit, peak memory per method; perf-512 also the merged patch
+# step, Loom vs core, 1 and 4 rank-32 LoRAs), and dynamic/ (the merged-mode
 # step under ComfyUI 0.33's dynamic VRAM, when .gpu/comfyui-0.33 or $LOOM_GPU_COMFYUI_DYNAMIC holds that ComfyUI).
 # A step that fails is logged in summary.txt and the next step still runs; the exit status is non-zero if any failed.
 # Budget on an H200: under 8 minutes in all (model build ~1 min, kernels ~1 min, perf ~5 min).
@@ -104,17 +105,19 @@ if [[ $tiny -eq 1 ]]; then
   step perf-64 "${loom[@]}" bench perf --cpu --model small --resolutions 64 --adapters 2 --regions 2 \
        --steps 2 --repeats 1 --threads 2 --methods "${methods[@]}" --out "$out/perf-64" --force
   step dynamic "${loom[@]}" bench perf --cpu --model small --resolutions 64 --adapters 1 --regions 1 \
-       --steps 2 --repeats 1 --threads 2 --methods base merged --out "$out/dynamic" --force
+       --steps 2 --repeats 1 --threads 2 --methods base merged --patch-loras 0 --out "$out/dynamic" --force
 else
   step kernels "$py" -m pytest -q -p no:cacheprovider tests/unit/test_triton_kernels.py --junitxml="$out/kernels.xml"
-  for res in 512 1024; do
+  for res in 512 1024; do  # the merged patch step (Loom vs core) once, with the 512² sweep
+    patch=$([[ $res -eq 512 ]] && echo 1,4 || echo 0)
     step "perf-$res" "${loom[@]}" bench perf --model flux-dev --resolutions "$res" --adapters 1,4,16 --regions 1,4 \
-         --steps 4 --repeats 2 --methods "${methods[@]}" --out "$out/perf-$res" --force
+         --steps 4 --repeats 2 --methods "${methods[@]}" --patch-loras "$patch" --out "$out/perf-$res" --force
   done
   dynamic="${LOOM_GPU_COMFYUI_DYNAMIC:-.gpu/comfyui-0.33}"
   if [[ -f "$dynamic/main.py" ]]; then
     COMFYUI_PATH="$dynamic" step dynamic "${loom[@]}" bench perf --comfyui "$dynamic" --model flux-dev \
-         --resolutions 1024 --adapters 1,4 --regions 1 --steps 4 --repeats 2 --methods base merged --out "$out/dynamic" --force
+         --resolutions 1024 --adapters 1,4 --regions 1 --steps 4 --repeats 2 --methods base merged --patch-loras 0 \
+         --out "$out/dynamic" --force
   else
     echo "== dynamic: skipped (no ComfyUI 0.33 at $dynamic)" | tee -a "$summary"
   fi

@@ -59,7 +59,7 @@ def run_perf_command(args: argparse.Namespace) -> int:
     on_gpu = torch.cuda.is_available() and not args.cpu
     import_comfy(find_comfyui(args.comfyui), cpu=not on_gpu, base_directory=tempfile.mkdtemp(prefix="loom-perf-"))
 
-    from ..bench.perf import METHODS, PerfConfig, run_perf
+    from ..bench.perf import METHODS, PerfConfig, preset_model, run_perf
     from ..bench.plot import plot_rows
     from ..bench.report import check_goals, format_goals, format_table, write_csv
 
@@ -74,12 +74,25 @@ def run_perf_command(args: argparse.Namespace) -> int:
                         region_tokens=args.region_tokens, steps=args.steps, repeats=args.repeats,
                         methods=tuple(args.methods or METHODS), dtype=args.dtype, memory=not args.no_memory,
                         **sweep).validate()
-    rows = run_perf(config, progress=lambda r: logger.info("%s", r))
+    patcher = preset_model(config)
+    rows = run_perf(config, patcher, progress=lambda r: logger.info("%s", r))
     device = rows[0].device if rows else "?"
     title = (f"loom bench perf: model {model}, device {device}, rank {args.rank}, {config.prompt_tokens} text "
              f"tokens per prompt, {region_note(config.prompt_tokens, config.region_length)}")
     sys.stdout.write(format_table(rows, title) + "\n")
     sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
+    patch_counts = tuple(c for c in args.patch_loras if c > 0)
+    if patch_counts:
+        from ..bench.patching import format_patch_table, run_patch_bench
+
+        with tempfile.TemporaryDirectory(prefix="loom-patch-") as folder:
+            patch_rows = run_patch_bench(patcher, Path(folder), patch_counts, args.patch_rank,
+                                         args.patch_repeats, memory=not args.no_memory)
+        sys.stdout.write(format_patch_table(patch_rows, f"merged patch step (ModelPatcher.patch_model), model {model}, "
+                                                        f"kohya rank-{args.patch_rank} LoRAs (bf16 factors) on every "
+                                                        f"block Linear: Loom LoRA Stack vs core "
+                                                        f"load_lora_for_models, median of {args.patch_repeats} "
+                                                        f"alternating runs") + "\n")
     out = Path(args.out)
     write_csv(rows, out / "perf.csv")  # both checked before the run (see _check_outputs)
     plot_rows(rows, out / "perf.png")
@@ -114,6 +127,10 @@ def register_perf(group: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     p.add_argument("--out", default="bench-perf", help="folder for perf.csv and perf.png (default ./bench-perf)")
+    p.add_argument("--patch-loras", type=_ints, default=_ints("1,4"),
+                   help="LoRA counts for the merged patch step, Loom vs core (default 1,4; 0 = skip it)")
+    p.add_argument("--patch-rank", type=int, default=32, help="rank of the patch step's kohya LoRAs (default 32)")
+    p.add_argument("--patch-repeats", type=int, default=4, help="alternating patch runs per count (default 4)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     add_force(p, "perf.csv / perf.png in --out")
     p.set_defaults(run=run_perf_command)
