@@ -23,6 +23,11 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int_in(1, 65_536)(v) for v in text.replace(",", " ").split())
 
 
+def _patch_counts(text: str) -> tuple[int, ...]:
+    """``--patch-loras``: LoRA counts for the merged patch step, or ``0`` / ``none`` to skip it."""
+    return () if text.strip().lower() in ("0", "none") else _ints(text)
+
+
 def _region_tokens(text: str) -> int:
     """``--region-tokens``: a count >= 0, or ``full`` (= 0: each region prompt as long as ``--prompt-tokens``)."""
     if text.strip().lower() == "full":
@@ -81,12 +86,11 @@ def run_perf_command(args: argparse.Namespace) -> int:
              f"tokens per prompt, {region_note(config.prompt_tokens, config.region_length)}")
     sys.stdout.write(format_table(rows, title) + "\n")
     sys.stdout.write(format_goals(check_goals(rows, on_gpu)) + "\n")
-    patch_counts = tuple(c for c in args.patch_loras if c > 0)
-    if patch_counts:
+    if args.patch_loras:
         from ..bench.patching import format_patch_table, run_patch_bench
 
         with tempfile.TemporaryDirectory(prefix="loom-patch-") as folder:
-            patch_rows = run_patch_bench(patcher, Path(folder), patch_counts, args.patch_rank,
+            patch_rows = run_patch_bench(patcher, Path(folder), args.patch_loras, args.patch_rank,
                                          args.patch_repeats, memory=not args.no_memory)
         sys.stdout.write(format_patch_table(patch_rows, f"merged patch step (ModelPatcher.patch_model), model {model}, "
                                                         f"kohya rank-{args.patch_rank} LoRAs (bf16 factors) on every "
@@ -127,10 +131,12 @@ def register_perf(group: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     p.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH or the pack's location)")
     p.add_argument("--out", default="bench-perf", help="folder for perf.csv and perf.png (default ./bench-perf)")
-    p.add_argument("--patch-loras", type=_ints, default=_ints("1,4"),
+    p.add_argument("--patch-loras", type=_patch_counts, default=(1, 4),
                    help="LoRA counts for the merged patch step, Loom vs core (default 1,4; 0 = skip it)")
-    p.add_argument("--patch-rank", type=int, default=32, help="rank of the patch step's kohya LoRAs (default 32)")
-    p.add_argument("--patch-repeats", type=int, default=4, help="alternating patch runs per count (default 4)")
+    p.add_argument("--patch-rank", type=int_in(1, 4096), default=32,
+                   help="rank of the patch step's kohya LoRAs (default 32)")
+    p.add_argument("--patch-repeats", type=int_in(1, 1000), default=4,
+                   help="alternating patch runs per count (default 4)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     add_force(p, "perf.csv / perf.png in --out")
     p.set_defaults(run=run_perf_command)

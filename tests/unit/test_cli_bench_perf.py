@@ -37,3 +37,17 @@ def test_help_says_the_peers_use_full_prompts(capsys: pytest.CaptureFixture[str]
         _parse("--help")
     text = " ".join(capsys.readouterr().out.split())
     assert "the peers (hooks, CLoRA, dense_per_head) always use --prompt-tokens" in text
+
+
+@pytest.mark.parametrize(("argv", "counts"), [((), (1, 4)), (("--patch-loras", "0"), ()),
+                                              (("--patch-loras", "none"), ()), (("--patch-loras", "2,8"), (2, 8))])
+def test_patch_step_counts(argv: tuple[str, ...], counts: tuple[int, ...]) -> None:
+    assert _parse(*argv).patch_loras == counts
+
+
+@pytest.mark.parametrize(("option", "value"), [("--patch-loras", "-1"), ("--patch-rank", "0"),
+                                               ("--patch-repeats", "nan")])
+def test_bad_patch_options_name_the_option(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _parse(option, value)
+    assert option in capsys.readouterr().err
