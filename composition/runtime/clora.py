@@ -195,7 +195,7 @@ class CLoraController(Controller):
         return out
 
     def _masks_of(self, rows: list[PassRow], maps: dict) -> torch.Tensor | None:
-        """Per cond chunk: concept i's map = mean of its maps in the base pass and LoRA i's pass -> ``[B, N, qh, qw]``."""
+        """Per cond chunk: concept i's map = mean of its maps in the base pass and LoRA i's pass ``[B, N, qh, qw]``."""
         per_concept = []
         for i in range(len(self.concepts)):
             seen = [maps[(r, i)] for r, row in enumerate(rows) if (r, i) in maps and row.lora in (None, i)]

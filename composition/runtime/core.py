@@ -155,7 +155,7 @@ class Runtime:
         self.slots: dict[str, tuple[AdapterSlot, ...]] = {m: tuple(s) for m, s in layer_slots(entries).items()}
         self._progress = SamplingProgress()
         self._current: tuple[TokenState, ...] | None = None
-        self._cache: dict = {}
+        self._per_call: dict = {}  # what the layers asked in this call (weights per stream, active groups, gates)
         self._keep = False
 
     def __deepcopy__(self, memo: dict) -> Runtime:
@@ -172,7 +172,7 @@ class Runtime:
     @current.setter
     def current(self, states: tuple[TokenState, ...] | None) -> None:
         self._current = states
-        self._cache = {}
+        self._per_call = {}
 
     @contextlib.contextmanager
     def kept(self) -> Iterator[None]:
@@ -192,7 +192,7 @@ class Runtime:
         if self._current is None:
             return None
         key = ("weights", stream)
-        weights = self._cache.get(key)
+        weights = self._per_call.get(key)
         if weights is None:
             parts = [state.weights[stream] for state in self._current]
             if len(parts) == 1:
@@ -200,17 +200,17 @@ class Runtime:
             else:
                 batch, length = max(p.shape[0] for p in parts), max(p.shape[1] for p in parts)
                 weights = torch.cat([p.to(parts[0].device).expand(batch, length, p.shape[2]) for p in parts], dim=-1)
-            self._cache[key] = weights
+            self._per_call[key] = weights
         return weights
 
     def active_groups(self) -> frozenset[int]:
         if self._current is None:
             return frozenset()
-        active = self._cache.get("active")
+        active = self._per_call.get("active")
         if active is None:
             active = frozenset(offset + g for offset, state in zip(self.group_offsets, self._current)
                                for g in state.active)
-            self._cache["active"] = active
+            self._per_call["active"] = active
         return active
 
     def adapter_gates(self, block_type: str, block_index: int) -> tuple[float, ...] | None:
@@ -218,11 +218,11 @@ class Runtime:
         if self._current is None or not self.gates:
             return None
         key = (block_type, block_index)
-        values = self._cache.get(key)
+        values = self._per_call.get(key)
         if values is None:
             values = tuple(v for controller, state in zip(self.controllers, self._current) if len(controller.book)
                            for v in controller.gate_values(state, block_type, block_index))
-            self._cache[key] = values
+            self._per_call[key] = values
         return values
 
     # --- per call -------------------------------------------------------------------------------------------

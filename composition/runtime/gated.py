@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...bounded_cache import BoundedCache
 from ..gates import GateError, LoRASwitch, composite_average, step_of_sigma
 from ..stack import StackEntry
 from .core import Call, Controller, TokenState
@@ -63,16 +64,15 @@ class GatedController(Controller):
         super().__init__([entries])
         self.options = options
         self.calls = 0
-        self._ones: dict[str, dict[str, torch.Tensor]] = {}
-        self._values: dict[tuple, tuple[float, ...]] = {}
+        self._ones: BoundedCache[str, dict[str, torch.Tensor]] = BoundedCache("gated ones", max_entries=8)
+        self._values: BoundedCache[tuple, tuple[float, ...]] = BoundedCache("gated gate values", max_entries=4096)
 
     def _weights(self, device: torch.device) -> dict[str, torch.Tensor]:
         """``[1, 1, 1]`` ones (every token, one group) per stream on ``device``."""
         weights = self._ones.get(str(device))
         if weights is None:
             ones = torch.ones(1, 1, 1, device=device)
-            weights = {"img": ones, "txt": ones, "joint": ones}
-            self._ones[str(device)] = weights
+            weights = self._ones.put(str(device), {"img": ones, "txt": ones, "joint": ones})
         return weights
 
     def run(self, call: Call, inner: Callable[[Call, TokenState], torch.Tensor]) -> torch.Tensor:
@@ -99,9 +99,7 @@ class GatedController(Controller):
                 keep = LoRASwitch(len(self.book), self.options.switch_every).active_adapter(state.step)
             if keep >= 0:
                 values = tuple(v if i == keep else 0.0 for i, v in enumerate(values))
-            if len(self._values) > 4096:
-                self._values.clear()
-            self._values[key] = values
+            self._values.put(key, values)
         return values
 
     @staticmethod

@@ -38,6 +38,7 @@ from typing import Protocol
 
 import torch
 
+from ...bounded_cache import BoundedCache
 from ...kernels.multi_lora import AdapterFactors, StackedLoRA, select_active, stack_lora
 from ...kernels.multi_lora_triton import masked_multi_lora_fast
 from ..adapters import LoRA
@@ -127,11 +128,14 @@ def _is_fast(slot: AdapterSlot) -> bool:
     return isinstance(slot.adapter, LoRA) and slot.adapter.parameter == WEIGHT and slot.learned is None
 
 
-_GATED_CACHE_LIMIT = 256
+def _derived() -> BoundedCache:
+    """A layer's tensors made at sampling time: its stack per device and dtype, the active selections, the gated
+    strengths per distinct gate values (a schedule gives new ones every step), learned gates per device."""
+    return BoundedCache("per-token layer tensors", max_entries=512)
 
 
 _LOOM_SLOTS = ("loom_module", "loom_stream", "loom_block", "loom_source", "loom_fast", "loom_exact", "loom_learned",
-               "loom_gated", "loom_cache")
+               "loom_gated", "loom_cache", "loom_derived")
 
 
 class LoomLinear:
@@ -149,6 +153,7 @@ class LoomLinear:
     loom_learned: tuple[AdapterSlot, ...]
     loom_gated: bool
     loom_cache: dict
+    loom_derived: BoundedCache
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: D401 - nn.Module API
         """``x [B, L, C_in]`` (or ``[B, 1, C_in]`` / ``[B, C_in]`` for modulation) -> ``[B, L, C_out]``."""
@@ -182,7 +187,8 @@ class LoomLinear:
         memo[id(self)] = new
         object.__setattr__(new, "__dict__", copy.deepcopy(self.__dict__, memo))
         for name in _LOOM_SLOTS:
-            object.__setattr__(new, name, copy.deepcopy(getattr(self, name), memo))
+            value = _derived() if name == "loom_derived" else copy.deepcopy(getattr(self, name), memo)
+            object.__setattr__(new, name, value)
         return new
 
     def _gates(self) -> Sequence[float] | None:
@@ -204,37 +210,32 @@ class LoomLinear:
         """Gated strengths ``[n]`` on ``device`` and the active selection, cached per distinct gate values."""
         slots = self.loom_cache["fast_slots"]
         strengths = tuple(self._strength(s, gates) for s in slots)
-        key = (active, strengths, str(device))
-        cache = self.loom_cache.setdefault("gated", {})
-        cached = cache.get(key)
+        key = ("gated", active, strengths, str(device))
+        cached = self.loom_derived.get(key)
         if cached is None:
             chosen = [i for i, (s, value) in enumerate(zip(slots, strengths)) if s.group in active and value != 0.0]
-            cached = (torch.tensor(strengths, dtype=torch.float32).to(device),
-                      select_active(fast.stacked, adapter_index=chosen))
-            if len(cache) >= _GATED_CACHE_LIMIT:
-                cache.clear()
-            cache[key] = cached
+            cached = self.loom_derived.put(key, (torch.tensor(strengths, dtype=torch.float32).to(device),
+                                                 select_active(fast.stacked, adapter_index=chosen)))
         return cached
 
     def _fast_on(self, device: torch.device, dtype: torch.dtype) -> _Fast:
         key = ("fast", str(device), dtype)
-        cached = self.loom_cache.get(key)
+        cached = self.loom_derived.get(key)
         if cached is None:
             fast = self.loom_fast
-            cached = _Fast(fast.stacked.to(device, dtype), fast.groups.to(device), fast.strengths.to(device))
-            self.loom_cache[key] = cached
+            cached = self.loom_derived.put(key, _Fast(fast.stacked.to(device, dtype), fast.groups.to(device),
+                                                      fast.strengths.to(device)))
         return cached
 
     def _active_factors(self, fast: _Fast, active: frozenset[int], device: torch.device) -> object:
         """Stacked factors of active groups with non-zero strength (from CPU copies: no device sync)."""
         key = ("active", active, str(device))
-        cached = self.loom_cache.get(key)
+        cached = self.loom_derived.get(key)
         if cached is None:
             cpu = self.loom_fast
             chosen = [i for i, (g, s) in enumerate(zip(cpu.groups.tolist(), cpu.strengths.tolist()))
                       if g in active and s != 0.0]
-            cached = select_active(fast.stacked, adapter_index=chosen)
-            self.loom_cache[key] = cached
+            cached = self.loom_derived.put(key, select_active(fast.stacked, adapter_index=chosen))
         return cached
 
     def _token_scale(self, weights: torch.Tensor, groups: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
@@ -284,10 +285,9 @@ class LoomLinear:
         if first.device == device:
             return gate
         key = ("learned", id(gate), str(device))
-        moved = self.loom_cache.get(key)
+        moved = self.loom_derived.get(key)
         if moved is None:
-            moved = copy.deepcopy(gate).to(device)
-            self.loom_cache[key] = moved
+            moved = self.loom_derived.put(key, copy.deepcopy(gate).to(device))
         return moved
 
     def _learned_mix(self, x: torch.Tensor, base: torch.Tensor, weights: torch.Tensor, active: frozenset[int],
@@ -380,7 +380,7 @@ def wrap_linear(original: torch.nn.Module, module: str, slots: tuple[AdapterSlot
     return _view(_loom_class(base_cls), original.__dict__, dict(
         loom_module=module, loom_stream=stream, loom_block=block_of_module(module), loom_source=source,
         loom_fast=loom_fast, loom_exact=exact, loom_learned=learned, loom_gated=any(s.gate >= 0 for s in slots),
-        loom_cache={"slots": tuple(slots), "fast_slots": fast}))
+        loom_cache={"slots": tuple(slots), "fast_slots": fast}, loom_derived=_derived()))
 
 
 def _view(cls: type, state: dict, loom: dict) -> torch.nn.Module:

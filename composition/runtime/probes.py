@@ -1,10 +1,10 @@
 """CLoRA's attention probes and the gradient machinery of its latent updates (shared with LoRA-Composer refinement).
 
 Probes. The CLoRA controller's attention hands ``q, k [B, H, L, D]`` of every Flux block to the pass's
-:class:`ConceptProbe`, then calls downstream unchanged. The probe computes, for the blocks it reads, each row's concept maps: the probability that
-image queries put on the concept's text tokens (explicit softmax over all keys, ``kernels.probes``), averaged
-over heads, tokens and blocks, at reduced resolution (image queries strided so the grid's longer side is at most
-``map_size``; the keys stay complete, so the probabilities are exact).
+:class:`ConceptProbe`, then calls downstream unchanged. The probe computes, for the blocks it reads, each row's
+concept maps: the probability that image queries put on the concept's text tokens (explicit softmax over all keys,
+``kernels.probes``), averaged over heads, tokens and blocks, at reduced resolution (image queries strided so the
+grid's longer side is at most ``map_size``; the keys stay complete, so the probabilities are exact).
 
 Gradients. ComfyUI runs nodes under ``torch.inference_mode()`` and its weights are inference tensors, which
 autograd refuses to save. A gradient pass therefore runs inside :func:`gradient_scope`: ``inference_mode(False)``

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...bounded_cache import BoundedCache
 from ..plan import Plan, PlanError, region_token_masks
 from ..prompts import EncodedPrompt
 from ..regional import label_joint_sequence, region_token_weights
@@ -66,10 +67,10 @@ class RegionalController(RegionalAttention, Controller):
         self.prompt = prompt
         self.patch_size = patch_size
         self.probe: Any = None
-        self._layouts: dict = {}
-        self._contexts: dict = {}
-        self._allowed: dict = {}
-        self._masks: dict = {}
+        self._layouts: BoundedCache[tuple, CallLayout] = BoundedCache("regional layouts", max_entries=16)
+        self._contexts: BoundedCache[tuple, torch.Tensor] = BoundedCache("composed prompts by device", max_entries=8)
+        self._allowed = BoundedCache("regional attention rules", max_entries=8)  # one per rule state
+        self._masks = BoundedCache("regional additive masks", max_entries=4)
 
     def composed_entries(self, context: torch.Tensor | None) -> tuple[bool, ...]:
         """Which batch entries of ``context [B, T, C]`` are the composed prompt."""
@@ -79,8 +80,7 @@ class RegionalController(RegionalAttention, Controller):
         key = (str(context.device), context.dtype)
         cast = self._contexts.get(key)
         if cast is None:
-            cast = mine[0].to(device=context.device, dtype=context.dtype)
-            self._contexts[key] = cast
+            cast = self._contexts.put(key, mine[0].to(device=context.device, dtype=context.dtype))
         return tuple(bool(torch.equal(context[b], cast)) for b in range(context.shape[0]))
 
     def layout_for(self, h: int, w: int, batch: int, chunks: int, extra_tokens: int, composed: tuple[bool, ...],
@@ -122,10 +122,7 @@ class RegionalController(RegionalAttention, Controller):
         active = frozenset(k for k in range(n) if float(masks[k].max()) > 0.0)
         layout = CallLayout(text_length, grid + extra_tokens, (-(-h // p), -(-w // p)), weights,
                             tuple(chunk_list), active, composed)
-        if len(self._layouts) > 16:
-            self._layouts.clear()
-        self._layouts[key] = layout
-        return layout
+        return self._layouts.put(key, layout)
 
     def state(self, call: Call) -> RegionalState:
         x, p = call.x, self.patch_size

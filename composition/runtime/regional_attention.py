@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ...bounded_cache import BoundedCache
 from ...kernels.joint_attention import dense_mask, grouped_layout
 from ...kernels.joint_attention_triton import attention_grouped_fast, attention_triton_eligible
 from ..regional import ActiveRules, active_rules, allowed_groups, base_allowed, blend_base
@@ -34,8 +35,8 @@ class RegionalAttention:
     """Mixed into the regional controller (which has ``plan``, ``options`` and ``probe``): its attention for one
     pass, from the pass's :class:`~.regional.RegionalState` (layout and percent)."""
 
-    _allowed: dict[ActiveRules, tuple[torch.Tensor, torch.Tensor]]
-    _masks: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
+    _allowed: BoundedCache[ActiveRules, tuple[torch.Tensor, torch.Tensor]]
+    _masks: BoundedCache[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
     def _additive(self, rules: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The cached bool ``[1, 1, L, L]`` rules as an additive mask (0 / -inf) in ``dtype``: every ComfyUI
@@ -44,10 +45,7 @@ class RegionalAttention:
         cached = self._masks.get(key)
         if cached is None or cached[0] is not rules:
             additive = torch.zeros(rules.shape, dtype=dtype, device=rules.device).masked_fill_(~rules, float("-inf"))
-            if len(self._masks) >= 4:
-                self._masks.clear()
-            cached = (rules, additive)
-            self._masks[key] = cached
+            cached = self._masks.put(key, (rules, additive))
         return cached[1]
 
     def _rules(self, rules: ActiveRules) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +53,7 @@ class RegionalAttention:
         if cached is None:
             plan = self.plan
             regional = allowed_groups(plan, rules)
-            cached = (regional, base_allowed(plan, regional))
-            self._allowed[rules] = cached
+            cached = self._allowed.put(rules, (regional, base_allowed(plan, regional)))
         return cached
 
     def attend(self, state: Any, downstream: Downstream, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
