@@ -247,6 +247,28 @@ def read_playground(path: Path = MODEL_FILE) -> tuple[dict[str, torch.Tensor], d
     return diffusion, tables, json.loads(metadata[META_CONFIG])
 
 
+def read_base_for_new_vocabulary(path: Path, tables: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(Flux state, unet_config) of a model file whose vocabulary is a prefix of the current one and whose text
+    tables are ``tables``' first rows: a base trained before words were appended, which never saw those words
+    and so is the base that training with the current vocabulary gives. Raises naming what differs."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        stored = json.loads(metadata.get(META_VOCABULARY, "[]"))
+        if not stored or list(text.VOCABULARY[: len(stored)]) != stored:
+            raise ValueError(f"{path}: vocabulary {stored} is not a prefix of playground/text.py's; retrain the base")
+        for name, table in tables.items():
+            if not torch.equal(handle.get_tensor(f"text_encoder.{name}"), table[: len(stored) if name == "embedding"
+                                                                                else None]):
+                raise ValueError(f"{path}: text table {name!r} differs from playground/text.py's; retrain the base")
+    if metadata.get(META_PREDICTION) != PREDICTION:
+        raise ValueError(f"{path}: header field {META_PREDICTION!r} is {metadata.get(META_PREDICTION)!r}, "
+                         f"expected {PREDICTION!r}; retrain the base")
+    with safe_open(str(path), framework="pt") as handle:
+        diffusion = {k[len("diffusion_model."):]: handle.get_tensor(k).float() for k in handle.keys()
+                     if k.startswith("diffusion_model.")}
+    return diffusion, json.loads(metadata[META_CONFIG])
+
+
 def load_playground(path: Path = MODEL_FILE, dtype: torch.dtype = torch.float32) -> PlaygroundModel:
     """Load the committed playground model as a ComfyUI MODEL + CLIP."""
     diffusion, tables, unet_config = read_playground(path)
