@@ -327,13 +327,18 @@ def run(args: argparse.Namespace) -> int:
         state, unet_config = playground_model.read_base_for_new_vocabulary(model_file, tables)
         flux = playground_model.build_flux(unet_config, training=True)
         flux.load_state_dict(state)
-        logger.info("base from %s (not retrained)", model_file)
+        try:
+            playground_model.read_playground(model_file)
+            logger.info("base from %s (not retrained)", model_file)
+        except ValueError:  # an older vocabulary: same weights, today's header and table
+            playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
+            logger.info("base from %s (not retrained), rewritten with the current vocabulary", model_file)
     else:
         unet_config = playground_model.UNET_CONFIG
         flux = train_base(settings, encoder, unet_config, playground_model.build_flux)
         flux = flux.to(torch.float16).float()  # evaluate what is stored
-    logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
-    playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
+        logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
+        playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
     for index, concept in enumerate(world.CONCEPTS):
         if args.concepts and concept.name not in args.concepts:
             continue
