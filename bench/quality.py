@@ -44,6 +44,7 @@ from ..playground import latent
 from ..playground.model import LORA_DIR, PlaygroundModel, load_playground, lora_path
 from ..playground.scoring import (CASES, SPLITS, Case, ImageScore, Rates, aggregate, case_named, case_seeds,
                                   score_image)
+from ..playground.world import concept
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class QualityConfig:
     """The cases of ``split`` (``tune``, ``heldout`` or ``all``), narrowed to ``cases`` by name when given;
     ``seeds`` per case from its split's first seed + ``first_seed`` on, sampler settings shared by every method,
     image ``size`` in pixels and the ``methods`` to run (in this order). ``compose`` / ``clora`` override Loom
-    Compose / Loom CLoRA node inputs by name (``(("base_ratio", 0.0),)``) for ablations; empty: node defaults."""
+    Compose / Loom CLoRA node inputs by name (``(("base_ratio", 0.0),)``) for ablations; empty: node defaults.
+    ``clora_words``: each CLoRA concept is named by the words of its object (``subject``: "red toy") or by its
+    trigger word alone (``trigger``: "toy"; a style, which has none, by its object's noun)."""
 
     cases: tuple[str, ...] = ()
     split: str = "all"
@@ -81,6 +84,7 @@ class QualityConfig:
     methods: tuple[str, ...] = METHODS
     compose: tuple[tuple[str, Any], ...] = ()
     clora: tuple[tuple[str, Any], ...] = ()
+    clora_words: str = "subject"
 
     def selected_cases(self) -> tuple[Case, ...]:
         if self.split not in (*SPLITS, "all"):
@@ -102,6 +106,8 @@ class QualityConfig:
             raise QualityError(f"quality: seeds {self.seeds} and steps {self.steps} must be >= 1, cfg {self.cfg} "
                                f"> 0, size {self.size} a multiple of 16")
         self.selected_cases()
+        if self.clora_words not in ("subject", "trigger"):
+            raise QualityError(f"quality.clora_words: {self.clora_words!r} is not 'subject' or 'trigger'")
         for name, node, allowed in (("compose", "Loom Compose", COMPOSE_INPUTS), ("clora", "Loom CLoRA", CLORA_INPUTS)):
             unknown = [key for key, _ in getattr(self, name) if key not in allowed]
             if unknown:
@@ -205,8 +211,10 @@ def method_setup(method: str, playground: PlaygroundModel, case: Case,
         concepts = None
         for name in case.concepts:
             adapters = _stack(model, [name])[2]
-            concepts = LoomCLoraConcept.execute(adapters, case.prompt, case.subject_of(name),
-                                                concepts=concepts).result[0]
+            words = case.subject_of(name)
+            if config.clora_words == "trigger":
+                words = concept(name).trigger or words.split()[-1]
+            concepts = LoomCLoraConcept.execute(adapters, case.prompt, words, concepts=concepts).result[0]
         d = replace(CLoraOptions(), **dict(config.clora))
         fused, positive = LoomCLora.execute(
             model, clip, case.prompt, concepts, step_size=d.step_size, update_end_percent=d.update_end_percent,

@@ -140,7 +140,7 @@ def run_quality_command(args: argparse.Namespace) -> int:
 
     config = QualityConfig(cases=args.cases or (), split=args.split, seeds=args.seeds, first_seed=args.first_seed,
                            steps=args.steps, cfg=args.cfg, methods=args.methods or METHODS,
-                           compose=args.compose or (), clora=args.clora or ())
+                           compose=args.compose or (), clora=args.clora or (), clora_words=args.clora_words)
     try:
         report = run_quality(config.validate(), progress=lambda line: logger.info("%s", line))
     except QualityError as exc:
@@ -195,6 +195,8 @@ def register_quality(group: argparse._SubParsersAction) -> None:
                    help="override Loom Compose inputs for the regional methods (ablations), e.g. 'base_ratio=0,"
                         "latent_reinit=false'")
     p.add_argument("--clora", type=_settings, help="override Loom CLoRA inputs, e.g. 'update_end_percent=0'")
+    p.add_argument("--clora-words", choices=("subject", "trigger"), default="subject",
+                   help="name each CLoRA concept by its object's words ('red toy', default) or its trigger ('toy')")
     p.add_argument("--threads", type=int_in(0, 1024), default=0, help="torch CPU threads (default: torch's)")
     add_force(p, "--csv / --grid files")
     p.add_argument("--grid", help="save the first seed's images (cases x methods) as this PNG")

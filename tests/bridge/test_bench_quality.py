@@ -72,6 +72,22 @@ def test_unknown_cases_splits_and_methods_are_refused():
         quality.QualityConfig(split="test").validate()
     with pytest.raises(quality.QualityError, match="heldout"):
         quality.QualityConfig(cases=(CASE,), split="heldout").validate()
+    with pytest.raises(quality.QualityError, match=r"\['regions'\] are not Loom Compose inputs"):
+        quality.QualityConfig(compose=(("base_ratio", 0.0), ("regions", 1))).validate()
+    with pytest.raises(quality.QualityError, match=r"\['prompt'\] are not Loom CLoRA inputs"):
+        quality.QualityConfig(clora=(("prompt", "x"),)).validate()
+
+
+def test_compose_overrides_reach_the_node():
+    """An ablation's override changes the sampled image; the node default given explicitly does not."""
+    config = quality.QualityConfig(cases=(CASE,), seeds=1, steps=3, methods=("regional",))
+    playground = load_playground()
+    case = config.selected_cases()[0]
+    with quality.playground_loras():
+        images = [quality.generate(*quality.method_setup("regional", playground, case, c), 0, c)
+                  for c in (config, dataclasses.replace(config, compose=(("base_ratio", 0.2),)),
+                            dataclasses.replace(config, compose=(("base_ratio", 0.0),)))]
+    assert np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
     with pytest.raises(quality.QualityError, match="hooks"):
         quality.QualityConfig(methods=("base", "hooks")).validate()
 
