@@ -132,7 +132,7 @@ def test_split_seeds_and_groups():
     first = quality.generate(*quality.method_setup("base", playground, case), 1000, config)
     assert np.array_equal(report.samples[(case.name, "base")], first)  # held-out seeds start at 1000
     lines = format_group_table(report).splitlines()
-    assert lines[0].split()[-2:] == ["interfering", "non-interfering"] and len(lines) == 4
+    assert lines[0].split()[-4:] == ["heldout", "interfering", "heldout", "non-interfering"] and len(lines) == 4
     for method in ("base", "merged"):
         interfering = report.rates(method, lambda case: case.interfering)
         assert interfering.images == 2 and report.rates(method).images == 4
