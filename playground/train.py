@@ -309,8 +309,10 @@ def run(args: argparse.Namespace) -> int:
     from . import model as playground_model  # needs ComfyUI importable
 
     out = args.out or playground_model.WEIGHTS_DIR
-    outputs = [out / playground_model.MODEL_FILE.name,
-               *(out / "loras" / f"playground_{c.name}.safetensors" for c in world.CONCEPTS)]
+    concepts = [(i, c) for i, c in enumerate(world.CONCEPTS) if not args.concepts or c.name in args.concepts]
+    # --reuse-base keeps the base's weights (an older vocabulary's header is upgraded in place, weights unchanged)
+    outputs = [*([] if args.reuse_base else [out / playground_model.MODEL_FILE.name]),
+               *(out / "loras" / f"playground_{c.name}.safetensors" for _, c in concepts)]
     try:  # before ~40 minutes of training, not after
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,9 +341,7 @@ def run(args: argparse.Namespace) -> int:
         flux = flux.to(torch.float16).float()  # evaluate what is stored
         logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
         playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
-    for index, concept in enumerate(world.CONCEPTS):
-        if args.concepts and concept.name not in args.concepts:
-            continue
+    for index, concept in concepts:
         before = evaluate(flux, encoder, concept)
         hooks, trigger_count = train_concept(flux, concept, settings, encoder, index)
         state = hooks.kohya_state()

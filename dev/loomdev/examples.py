@@ -44,9 +44,10 @@ SEED, STEPS, CFG = 3, 20, 3.0
 # Interfering cases of the playground world (``playground/scoring.py``) and their seeds, chosen on the *tune*
 # split (``loom bench quality --split tune``). The default run (``make run``): a style LoRA with no trigger word
 # (vertical bars) wanted on the left object only; merged, it paints every object it reaches, the right one too,
-# while Loom Compose keeps it in its half. "Regions vs merge": the same style beside a ring concept.
+# while Loom Compose keeps it in its half. "Regions vs merge": two object LoRAs taught on one class word ("toy":
+# one draws a star, the other a ring); merged, both act on every "toy" and blend.
 PLAYGROUND_CASE, PLAYGROUND_SEED = "bars-plain/blue-green", 0
-VERSUS_CASE, VERSUS_SEED = "bars-ring/green-yellow", 0
+VERSUS_CASE, VERSUS_SEED = "startoy-ringtoy/yellow-red", 0
 ENLARGE = 4.0  # the 64x64 playground images are saved 4x enlarged (nearest), so they read at a glance
 
 # --------------------------------------------------------------------------------------------- layout
@@ -264,10 +265,10 @@ def regions_vs_merge(info: dict) -> dict:
     _, regional = sample(g, composed, base, composed, 1, title="Sample: regions", seed=VERSUS_SEED)
     side_by_side(g, merged, regional, "loom_regions_vs_merge", "Merged | regions")
     return finish(g, "Regions vs merge", (
-        "Same prompt, seed and LoRAs, two ways:\n\nLeft: the LoRAs merged into the model, so each acts on the "
-        "whole picture: the bars style (no trigger word) reaches the ring too.\n\nRight: Loom Compose applies "
-        "each LoRA only in its own region: bars on the left square, a plain ring on the right.\n\n"
-        "Result: merged | regions."))
+        "Same prompt, seed and LoRAs, two ways. Both LoRAs were taught on the word 'toy': one draws a star, the "
+        "other a ring.\n\nLeft: the LoRAs merged into the model, so both act on every 'toy' and the two objects "
+        "blend.\n\nRight: Loom Compose applies each LoRA only in its own region: a yellow star on the left, a red "
+        "ring on the right.\n\nResult: merged | regions."))
 
 
 def clora(info: dict) -> dict:

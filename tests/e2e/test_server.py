@@ -83,10 +83,10 @@ def test_run_command_once_draws_both_concepts_in_their_regions(tmp_path):
         composed = np.asarray(img.convert("RGB"), dtype=np.float32)[::4, ::4] / 255.0
     assert halves(composed) == [(True, True), (True, True)]
     with Image.open(by_prefix["loom_playground_vs_merged"]) as img:
-        assert img.size == (256 + 8 + 256, 256)
+        assert img.size == (256 + 4 * 4 + 256, 256)  # stitched with a 4-pixel gap, then enlarged 4x
         both = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     assert np.array_equal(both[::4, :256:4], composed)
-    merged = both[::4, 264::4]
+    merged = both[::4, 272::4]
     assert not all(present for present, _ in halves(merged)), "the merge drew every object right: no longer a failure"
 
 
