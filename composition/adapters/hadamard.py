@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 from .lowrank import LoRA
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class LoHa:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
         object.__setattr__(self, "t1", _core(self.t1))
         object.__setattr__(self, "t2", _core(self.t2))
         if (self.t1 is None) != (self.t2 is None):

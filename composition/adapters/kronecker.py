@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 from .full import WeightDiff
 from .hadamard import _core
 from .lowrank import LoRA
@@ -38,6 +38,7 @@ class LoKr:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
         object.__setattr__(self, "t2", _core(self.t2))
         if (self.w1 is None) == (self.w1_a is None or self.w1_b is None):
             raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b (exactly one form)")

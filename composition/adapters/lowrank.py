@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class LoRA:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "up", "down", "mid")
         if self.up.dim() != 2 or self.down.dim() != 2:
             raise ValueError(f"LoRA up/down must be 2-D, got {tuple(self.up.shape)} / {tuple(self.down.shape)}")
         if self.mid is not None and self.mid.dim() == 4:
