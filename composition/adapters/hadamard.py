@@ -77,11 +77,11 @@ class LoHa:
         return delta_shape_of(self.target_shape, self.offset)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype."""
+        """``[out_rows, in]`` merged delta (float32 for 16-bit factors, else the factors' dtype)."""
         ct = compute_dtype(self.w1_a.dtype)
         m1 = _hada_factor(self.w1_a, self.w1_b, self.t1, ct)
         m2 = _hada_factor(self.w2_a.to(m1.device), self.w2_b, self.t2, ct)
-        return (m1 * m2 * self.scale).to(self.w1_a.dtype)
+        return m1 * m2 * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., in] -> [..., out_rows]`` (exact dense path: materialises ``ΔW`` once)."""

@@ -103,11 +103,10 @@ class LoKr:
         return (self.w1 if self.w1 is not None else self.w1_a).dtype
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype."""
-        dtype = self._dtype()
+        """``[out_rows, in]`` merged delta (float32 for 16-bit factors, else the factors' dtype)."""
         device = (self.w1 if self.w1 is not None else self.w1_a).device
-        w1, w2 = self._factors(compute_dtype(dtype), device)
-        return (torch.kron(w1, w2) * self.scale).to(dtype)
+        w1, w2 = self._factors(compute_dtype(self._dtype()), device)
+        return torch.kron(w1, w2) * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., a2·b2] -> [..., a1·b1]`` via ``W1 @ X @ W2ᵀ`` (no ``ΔW`` materialised)."""

@@ -62,13 +62,13 @@ class LoRA:
         return delta_shape_of(self.target_shape, self.offset)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype (products in float32 for half types)."""
+        """``[out_rows, in]`` merged delta, computed and returned in float32 for 16-bit factors (as ComfyUI's
+        intermediate dtype), else in the factors' dtype."""
         ct = compute_dtype(self.up.dtype)
         down = self.down.to(ct)
         if self.mid is not None:
             down = self.mid.to(device=down.device, dtype=ct) @ down
-        delta = (self.up.to(device=down.device, dtype=ct) @ down) * self.scale
-        return delta.to(self.up.dtype)
+        return (self.up.to(device=down.device, dtype=ct) @ down) * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., in] -> [..., out_rows]`` through the factors, never materialising ``ΔW``."""

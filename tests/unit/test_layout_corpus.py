@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from layout_corpus import TOLERANCE, BuiltLayout, build_layout, load_corpus
+from layout_corpus import DTYPES, TOLERANCE, BuiltLayout, build_layout, load_corpus
 from lora_loom.composition.adapters import merged_delta
 from lora_loom.composition.formats.provenance import VARIANTS, WRITERS, identify
 from lora_loom.composition.loading import clear_cache, load_adapter_set, read_header
@@ -48,11 +48,10 @@ def test_layout_reads_to_its_documented_delta(tmp_path, entry) -> None:
     assert adapter_set.leftovers == tuple(built.expect.get("leftovers", ()))
     got = loaded_deltas(adapter_set, built)
     assert set(got) == set(built.expected), set(got) ^ set(built.expected)
-    tolerance = TOLERANCE[entry.spec.get("dtype", "fp32")]
     for key, want in built.expected.items():
         assert got[key].shape == want.shape, key
         error = float((got[key].float() - want).norm() / want.norm())
-        assert error < tolerance, f"{key}: relative error {error:.2e}"
+        assert error < TOLERANCE, f"{key}: relative error {error:.2e}"
     assert (provenance.writer or None) == built.expect["writer"], provenance.writer_evidence
     assert provenance.variant == built.expect.get("variant"), provenance.variant_evidence
     if "format" in built.expect:
@@ -74,7 +73,7 @@ def test_the_corpus_covers_the_tools_variants_dtypes_and_kinds_in_the_wild() -> 
     assert set(WRITERS) - {"fluxgym"} <= writers | {"fluxgym"} and "fluxgym" in writers
     variants = {e.spec["expect"].get("variant") for e in CORPUS}
     assert {"dev", "schnell", "fill", "canny-or-depth", "kontext", "krea"} <= variants <= set(VARIANTS) | {None}
-    assert {e.spec.get("dtype", "fp32") for e in CORPUS} == set(TOLERANCE)
+    assert {e.spec.get("dtype", "fp32") for e in CORPUS} == set(DTYPES)
     modules = [{**e.spec.get("defaults", {}), **mod} for e in CORPUS for mod in e.spec.get("modules", [])]
     kinds = Counter(mod.get("kind", "lora") for mod in modules)
     assert {"lora", "loha", "lokr", "lokr_factored", "diff", "diff_b", "set", "lora_split"} <= set(kinds)
