@@ -24,6 +24,8 @@ from lora_loom.composition.formats import read_adapter_set  # noqa: E402
 H, M = 16, 64
 torch.manual_seed(0)
 
+
+
 class Attn(nn.Module):
     def __init__(self, single=False):
         super().__init__()
@@ -31,14 +33,21 @@ class Attn(nn.Module):
         if not single:
             self.to_out = nn.ModuleList([nn.Linear(H, H, bias=False)])
 
+
+
 class Double(nn.Module):
     def __init__(self):
-        super().__init__(); self.attn = Attn()
+        super().__init__()
+        self.attn = Attn()
+
 
 class Single(nn.Module):
     def __init__(self):
-        super().__init__(); self.attn = Attn(single=True); self.proj_mlp = nn.Linear(H, M, bias=False)
+        super().__init__()
+        self.attn = Attn(single=True)
+        self.proj_mlp = nn.Linear(H, M, bias=False)
         self.proj_out = nn.Linear(H + M, H, bias=False)
+
 
 class Toy(nn.Module):
     def __init__(self):
@@ -47,6 +56,7 @@ class Toy(nn.Module):
         self.single_transformer_blocks = nn.ModuleList([Single()])
     def forward(self, x):
         return x
+
 
 def run(config_kwargs, label):
     base = Toy()
