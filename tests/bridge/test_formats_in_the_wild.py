@@ -14,28 +14,18 @@ import torch
 from safetensors.torch import save_file
 
 import nodes as comfy_nodes  # ComfyUI's top-level nodes module
-from comfy_models import empty_loras_folder, flux_inputs, tiny_flux
+from comfy_models import flux_inputs
 from lora_factory import build_lora
 from lora_loom.composition.loading import clear_cache
 from lora_loom.nodes.lora_stack import LoomLoraStack
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers of the other bridge tests
-from test_merged_vs_comfy import DIMS, assert_same_weights, clip_weights, patched_weights, tiny_clip
+from test_merged_vs_comfy import (DIMS, assert_same_weights, clip_weights, loras, model,  # noqa: F401 (fixtures)
+                                  patched_weights, tiny_clip)
 from test_regional_mechanism import apply_model
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "bf16": torch.bfloat16,
        "fp16": torch.float16}
-
-
-@pytest.fixture(scope="module")
-def loras() -> Path:
-    yield empty_loras_folder()
-    empty_loras_folder()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_flux(seed=0)
 
 
 @pytest.fixture(autouse=True)
