@@ -7,13 +7,15 @@ where every module lands (``to``: a parameter key, ``rows``: the slice of a fuse
 (shift, scale) order) and what scale the tool means (``alpha`` written to the file -> alpha / rank, or an
 explicit ``scale`` where the alpha lives elsewhere).
 
-Module spec fields (an entry's ``defaults`` apply to each): ``key`` (module prefix as written), ``to`` (``double_blocks.0.img_attn.qkv``,
-``<module>.bias``, ``<module>.scale``, ``clip_l:<path>``, ``t5xxl:<path>``), ``rows`` (``q``/``k``/``v`` of a fused
-qkv; ``q``/``k``/``v``/``mlp``/``qkv`` of a single block's ``linear1``), ``swap``, ``kind`` (``lora`` default,
-``loha``, ``lokr``, ``lokr_factored``, ``diff``, ``diff_b``, ``set``), ``names`` (LoRA spelling, see
-:data:`NAMES`), ``alpha`` (written as ``<key><alpha_key>``, default ``.alpha``), ``scale`` (expected scale when the
-alpha is not a tensor of the module), ``dora`` (``{"key": ".dora_scale", "layout": "column" | "row" | "vector"}``),
-``up_bias`` (a ``lora_B.bias`` key), ``cols`` (input width override: a widened ``img_in``), ``rank``.
+Module spec fields (an entry's ``defaults`` apply to each): ``key`` (module prefix as written), ``to``
+(``double_blocks.0.img_attn.qkv``, ``<module>.bias``, ``<module>.scale``, ``clip_l:<path>``, ``t5xxl:<path>``),
+``rows`` (``q``/``k``/``v`` of a fused qkv; ``q``/``k``/``v``/``mlp``/``qkv`` of a single block's ``linear1``),
+``swap``, ``kind`` (``lora`` default, ``lora_split`` with ``splits``: sd-scripts' split_qkv saved merged, ``loha``,
+``lokr``, ``lokr_factored``, ``diff``, ``diff_b``, ``set``),
+``names`` (LoRA spelling, see :data:`NAMES`), ``alpha`` (written as ``<key><alpha_key>``, default ``.alpha``),
+``scale`` (expected scale when the alpha is not a tensor of the module), ``dora`` (``{"key": ".dora_scale",
+"layout": "column" | "row" | "vector"}``), ``up_bias`` (a ``lora_B.bias`` key), ``cols`` (input width override: a
+widened ``img_in``), ``rank``, ``alpha_dtype`` (``int64``: an integer alpha tensor).
 Entry fields: ``id``, ``version``, ``sources`` (where the layout is documented), ``dtype``, ``widths`` (``tiny``
 test widths, or ``flux`` for the real Flux-1 widths a variant check needs), ``rank``, ``metadata``, ``modules``,
 ``extra`` (other keys with their shapes, expected to stay over), ``expect`` (``writer``, ``variant``,

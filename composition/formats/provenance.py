@@ -111,20 +111,24 @@ def _writer_from_metadata(metadata: Mapping[str, str], keys: Sequence[str]) -> t
     return None
 
 
-def _writer_from_keys(keys: Sequence[str]) -> tuple[str, str] | None:
-    def any_key(pattern: str) -> str | None:
-        rx = re.compile(pattern)
-        return next((k for k in keys if rx.search(k)), None)
+# Key styles in priority order (a file mixing styles is named by the first): a substring every such key holds
+# (a cheap filter: headers have thousands of keys) and the pattern that confirms it.
+_KEY_STYLES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple((writer, needle, re.compile(pattern)) for
+                                                                   writer, needle, pattern in (
+    ("xlabs", ".processor.", r"\.processor\.(qkv|proj)_lora"),
+    ("diffsynth", "blocks.", r"^blocks\.\d+\.attn\.[ab]_to_"),
+    ("fal", "base_model.model.", r"^base_model\.model\.(double|single)_blocks\."),
+    ("bfl", "_norm.scale",
+     r"^(double_blocks\.\d+\.(img|txt)_attn|single_blocks\.\d+)\.norm\.(query|key)_norm\.scale$"),
+    ("simpletuner", "lycoris_", r"^lycoris_"), ("onetrainer", "lora_transformer_", r"^lora_transformer_"),
+    ("kohya", "lora_", r"^lora_(unet|te\d?)_"), ("comfyui", "diffusion_model.", r"^diffusion_model\."),
+    ("diffusers", ".", r"^(transformer|base_model\.model)\."),
+))
 
-    rules = (
-        ("xlabs", r"\.processor\.(qkv|proj)_lora"), ("diffsynth", r"^blocks\.\d+\.attn\.[ab]_to_"),
-        ("fal", r"^base_model\.model\.(double|single)_blocks\."),
-        ("bfl", r"^(double_blocks\.\d+\.(img|txt)_attn|single_blocks\.\d+)\.norm\.(query|key)_norm\.scale$"),
-        ("simpletuner", r"^lycoris_"), ("onetrainer", r"^lora_transformer_"), ("kohya", r"^lora_(unet|te\d?)_"),
-        ("comfyui", r"^diffusion_model\."), ("diffusers", r"^(transformer|base_model\.model)\."),
-    )
-    for writer, pattern in rules:
-        key = any_key(pattern)
+
+def _writer_from_keys(keys: Sequence[str]) -> tuple[str, str] | None:
+    for writer, needle, pattern in _KEY_STYLES:
+        key = next((k for k in keys if needle in k and pattern.search(k)), None)
         if key is not None:
             return writer, f"key style ({key})"
     return None
@@ -134,6 +138,8 @@ def _img_in_width(shapes: Mapping[str, Sequence[int]]) -> tuple[int, str] | None
     """``(input features, key)`` of the adapter on ``img_in`` / ``x_embedder`` when its rows are Flux-1's 3072."""
     parts: dict[str, dict[str, tuple[Sequence[int], str]]] = {}
     for key, shape in shapes.items():
+        if "img_in" not in key and "x_embedder" not in key:
+            continue
         split = split_key(key)
         if split is not None and _IMG_IN.search(split[0]):
             parts.setdefault(split[0], {})[split[1]] = (shape, key)

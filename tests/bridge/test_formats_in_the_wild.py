@@ -52,8 +52,8 @@ def node(model, rows: list[dict], clip=None, mode: str = "auto"):
                                               ("comfyui", "lora", "fp16")])
 def test_8_and_16_bit_files_merge_exactly_like_comfyui_core(model, loras, fmt, kind, dtype):
     """Core casts the factors to its float32 intermediate dtype; ours compute ΔW in float32 from the same values."""
-    name = write_cast(build_lora(fmt, kind, DIMS, include_text_encoders=False), loras, f"{fmt}_{kind}_{dtype}.safetensors",
-                      FP8[dtype])
+    case = build_lora(fmt, kind, DIMS, include_text_encoders=False)
+    name = write_cast(case, loras, f"{fmt}_{kind}_{dtype}.safetensors", FP8[dtype])
     base = patched_weights(model)
     core = patched_weights(comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 0.9)[0])
     ours = patched_weights(node(model, [{"lora": name, "strength": 0.9}])[0])

@@ -196,8 +196,8 @@ def test_kohya_names_flattened_from_diffusers_names_with_a_trailing_underscore()
                "lora_te1_text_model_encoder_layers_0_mlp_fc1_": ("clip_l:text_model.encoder.layers.0.mlp.fc1", 32, H)}
     sd = {}
     for i, (prefix, (_, rows, cols)) in enumerate(modules.items()):
-        sd.update({f"{prefix}.lora_up.weight": rnd(rows, R, seed=i), f"{prefix}.lora_down.weight": rnd(R, cols, seed=50 + i),
-                   f"{prefix}.alpha": torch.tensor(1.0)})
+        sd.update({f"{prefix}.lora_up.weight": rnd(rows, R, seed=i),
+                   f"{prefix}.lora_down.weight": rnd(R, cols, seed=50 + i), f"{prefix}.alpha": torch.tensor(1.0)})
     adapter_set = read_adapter_set(sd, "thelastben.safetensors")
     assert adapter_set.leftovers == ()
     groups = {**adapter_set.adapters, **adapter_set.te_adapters}
