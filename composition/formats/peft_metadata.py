@@ -12,12 +12,13 @@ component (``peft/utils/other.py: get_pattern_key``), else the defaults; scale `
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from ...files.json_text import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ def read_component_configs(metadata: Mapping[str, str], file_name: str) -> dict[
     raw = metadata.get(LORA_ADAPTER_METADATA)
     if not raw:
         return {}
-    try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file_name}: metadata '{LORA_ADAPTER_METADATA}' is not JSON ({err.msg})") from None
+    packed = parse_json(raw, f"{file_name}: metadata '{LORA_ADAPTER_METADATA}'")
     if not isinstance(packed, dict):
         raise ValueError(f"{file_name}: metadata '{LORA_ADAPTER_METADATA}' is not a JSON object")
     by_component: dict[str, dict[str, object]] = {}

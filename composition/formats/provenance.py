@@ -28,12 +28,12 @@ Canny and Depth share every shape; dev and schnell too.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ...files.json_text import JsonTextError, parse_json
 from .parts import split_key
 
 logger = logging.getLogger(__name__)
@@ -71,9 +71,10 @@ class Provenance:
 
 
 def _json_field(metadata: Mapping[str, str], key: str) -> object:
+    """A metadata value as JSON when it is JSON (``software``, ``ot_config``), else the text itself."""
     try:
-        return json.loads(metadata.get(key) or "null")
-    except json.JSONDecodeError:
+        return parse_json(metadata.get(key) or "null", f"metadata {key!r}")
+    except JsonTextError:
         return metadata.get(key)
 
 

@@ -102,7 +102,7 @@ def test_inspect_says_where_the_alpha_came_from(tmp_path, capsys) -> None:
     assert "writer    diffusers / PEFT (metadata lora_adapter_metadata)" in out
 
 
-@pytest.mark.parametrize("raw, field", [("{not json", "is not JSON"), (json.dumps({"transformer.r": "four"}),
+@pytest.mark.parametrize("raw, field", [("{not json", "is not valid JSON"), (json.dumps({"transformer.r": "four"}),
                                                                          "'transformer.r'")])
 def test_malformed_lora_adapter_metadata_names_file_and_field(raw: str, field: str) -> None:
     sd = _diffusers_file({"transformer.proj_out": 2})
@@ -249,3 +249,15 @@ def test_bundled_embeddings_stay_over_as_leftovers() -> None:
           "bundle_emb.ohwx.clip_l": rnd(1, 768, seed=3), "bundle_emb.ohwx.t5": rnd(1, 4096, seed=4)}
     adapter_set = read_adapter_set(sd, "bundled.safetensors")
     assert adapter_set.leftovers == ("bundle_emb.ohwx.clip_l", "bundle_emb.ohwx.t5")
+
+
+def test_provenance_reads_hostile_metadata_without_failing() -> None:
+    """The scan asks every header who wrote it: JSON nested past the parser's depth, or not JSON at all, is just
+    not a trainer's mark (``files.json_text``), never an exception that stops the scan."""
+    from lora_loom.composition.formats.provenance import identify
+
+    shapes = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (4, 32)}
+    for raw in ("[" * 100_000, "{not json", '{"name": ["ai-toolkit"]}'):
+        assert identify(shapes, {"software": raw}).writer == "kohya"  # the key style, not the broken mark
+        found = identify(shapes, {"ot_config": raw})  # the field names OneTrainer; its text tells no variant
+        assert (found.writer, found.variant) == ("onetrainer", None)
