@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +36,8 @@ class AdapterSet:
     ``widened_inputs``: module -> ``(out, in)`` for BFL control LoRAs whose ``img_in`` input is wider than the
     model's (the model weight must be zero-padded to that shape before the adapter applies).
     ``source_keys``: canonical name -> the file keys it was read from (for error messages).
+    ``notes``: how the file was read where it is not plain from the keys (``"alpha 16 from
+    lora_adapter_metadata (transformer.lora_alpha, r 4: scale 4) on 38 modules"``), for ``loom inspect``.
     """
 
     source: str
@@ -47,6 +49,7 @@ class AdapterSet:
     widened_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sha256: str | None = None
     source_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -65,10 +68,7 @@ class AdapterSet:
         """Copy with every adapter moved/cast."""
         def move(groups: Mapping[str, tuple[Adapter, ...]]) -> dict[str, tuple[Adapter, ...]]:
             return {k: tuple(a.to(device=device, dtype=dtype) for a in v) for k, v in groups.items()}
-        return AdapterSet(source=self.source, format=self.format, adapters=move(self.adapters),
-                          te_adapters=move(self.te_adapters), leftovers=self.leftovers, metadata=self.metadata,
-                          widened_inputs=self.widened_inputs, sha256=self.sha256,
-                          source_keys=self.source_keys)
+        return replace(self, adapters=move(self.adapters), te_adapters=move(self.te_adapters))
 
 
 def merged_delta(adapters: Iterable[Adapter], target_shape: tuple[int, ...],

@@ -163,3 +163,39 @@ def test_bias_and_scale_deltas_act_per_token() -> None:
 def test_malformed_adapters_raise(build: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=str)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fp8_factors_are_held_exactly_in_bf16_and_compute_like_fp32(kind: str, dtype: torch.dtype) -> None:
+    """8-bit float factors (fp8 files) are widened to bfloat16 on construction, exactly, so the merged delta and
+    the per-token output are the fp32 computation on the very same values (no fp8 arithmetic anywhere)."""
+    adapter = KINDS[kind]().to(dtype=dtype)
+    held = [adapter, *([adapter.inner] if isinstance(adapter, DoRA) else [])]
+    tensors = [v for a in held for v in vars(a).values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors)
+    reference = adapter.to(dtype=torch.float32)
+    base = _base_for(adapter)
+    delta = adapter.delta_weight(base)
+    assert _rel_mse(delta, reference.delta_weight(base)) < TOL[torch.bfloat16]
+    x = _rnd(2, IN, seed=14)
+    assert _rel_mse(adapter.bypass_delta(x, base), x @ reference.delta_weight(base).T) < TOL[torch.bfloat16]
+
+
+def test_an_fp8_value_survives_the_widening_bit_for_bit() -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    for dtype in FP8:
+        values = codes.view(dtype).reshape(16, 16)
+        diff = WeightDiff(delta=values, target_shape=(16, 16))
+        assert diff.delta.dtype == torch.bfloat16
+        assert torch.equal(diff.delta.float().nan_to_num(7.0), values.float().nan_to_num(7.0))
+
+
+def test_a_one_dimensional_weight_delta_is_a_gain() -> None:
+    """A LayerNorm's weight is a 1-D gain (CLIP-L ``layer_norm1.diff``): per token it scales the normalised x."""
+    gain = WeightDiff(delta=_rnd(IN, seed=5), target_shape=(IN,))
+    x = _rnd(2, 3, IN, seed=6)
+    assert gain.parameter == "weight" and torch.allclose(gain.bypass_delta(x), x * gain.delta)
