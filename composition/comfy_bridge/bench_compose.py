@@ -20,11 +20,11 @@ import torch
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.supported_models
 
 from ..adapters import AdapterSet, LoRA
 from ..plan import Region, TextSpans
 from ..stack import StackEntry, StackRow
+from .flux_model import flux_model
 from .merged import apply_merged
 from .regional import ComposedRegion, ComposeOptions, EncodedPrompts, RegionalComposition, build_plan, install
 
@@ -51,10 +51,7 @@ class BenchRow:
 
 def bench_model(dtype: torch.dtype = torch.float32, **overrides: Any) -> comfy.model_patcher.ModelPatcher:
     """A small random ComfyUI Flux in a ModelPatcher (the shape of Flux, not its size, unless overridden)."""
-    config = comfy.supported_models.Flux({**BENCH_FLUX, **overrides})
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({}, device="cpu")
-    model.diffusion_model.to(dtype)
+    model = flux_model({**BENCH_FLUX, **overrides}, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():

@@ -5,6 +5,8 @@ dotted form and kohya's underscored form (``double_blocks_0_img_attn_qkv``), so 
 resolved against known modules instead of guessed. Verified against comfy/ldm/flux/model.py and layers.py
 (0.3.75): SelfAttention.qkv/proj + QKNorm(query_norm/key_norm with ``.scale``), Modulation.lin,
 MLPEmbedder.in_layer/out_layer, LastLayer.linear/adaLN_modulation.1, SingleStreamBlock.linear1/linear2.
+Parameter names are the checkpoint's (``.scale``); ComfyUI 0.33 loads the QK-norm gain as ``.weight``, and the
+bridge asks the loaded model's config for its name (``comfy_bridge/flux_model.model_key``).
 """
 from __future__ import annotations
 

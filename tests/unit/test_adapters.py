@@ -1,13 +1,14 @@
 """Adapter kinds: per-token bypass equals the merged weight, per kind and dtype; offsets, swaps, low rank."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from lora_loom.composition.adapters import (BIAS, DoRA, LoHa, LoKr, LoRA, Offset, SetWeight, WeightDiff,
-                                            bypass_output, merged_delta)
+                                            adapter_tensors, bypass_output, merged_delta, with_tensors)
 
 OUT, IN, R = 12, 8, 3
 # LyCORIS tolerances, applied to the relative mean squared error ||a - b||² / ||b||².
@@ -199,3 +200,37 @@ def test_a_one_dimensional_weight_delta_is_a_gain() -> None:
     gain = WeightDiff(delta=_rnd(IN, seed=5), target_shape=(IN,))
     x = _rnd(2, 3, IN, seed=6)
     assert gain.parameter == "weight" and torch.allclose(gain.bypass_delta(x), x * gain.delta)
+
+
+def _held_tensors(adapter: object) -> list[torch.Tensor]:
+    """Every tensor among an adapter's attributes (nested adapters included)."""
+    out = []
+    for value in vars(adapter).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif dataclasses.is_dataclass(value):
+            out.extend(_held_tensors(value))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_tensors_travel_out_and_back_in(kind):
+    """What a ComfyUI weight patch lists as its ``weights`` (and dynamic VRAM copies into a device buffer): every
+    tensor of the adapter, a DoRA's inner ones included; rebuilt around copies, the adapter holds exactly them and
+    computes the same delta."""
+    adapter = KINDS[kind]()
+    tensors = adapter_tensors(adapter)
+    held = _held_tensors(adapter)
+    assert len(tensors) == len(held) and {id(t) for t in tensors} == {id(t) for t in held}
+    copies = [t.clone() for t in tensors]
+    rebuilt = with_tensors(adapter, iter(copies))
+    assert type(rebuilt) is type(adapter) and rebuilt.target_shape == adapter.target_shape
+    assert [t.data_ptr() for t in adapter_tensors(rebuilt)] == [t.data_ptr() for t in copies]
+    base = _base_for(adapter)
+    torch.testing.assert_close(rebuilt.delta_weight(base), adapter.delta_weight(base), rtol=0, atol=0)
+
+
+def test_merged_delta_lands_on_the_requested_device_and_dtype():
+    adapters = [KINDS["lora_slice"](), KINDS["lora_slice"]()]
+    total = merged_delta(adapters, (3 * OUT, IN), dtype=torch.float64, device="meta")
+    assert total.device.type == "meta" and total.dtype == torch.float64 and tuple(total.shape) == (3 * OUT, IN)
