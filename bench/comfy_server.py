@@ -18,6 +18,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ..cli.comfy_env import comfyui_version
+
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +57,8 @@ class ComfyServer:
         comfy = self.comfyui
         cmd = [sys.executable, str(comfy / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.workspace), "--disable-auto-launch",
-               "--database-url", f"sqlite:///{self.workspace / 'user' / 'comfyui.db'}", *self.extra_args]
+               "--database-url", f"sqlite:///{self.workspace / 'user' / f'comfyui-{comfyui_version(comfy)}.db'}",
+               *self.extra_args]  # one database per ComfyUI release: their schema migrations differ
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         env.pop("PYTHONPATH", None)  # the server sees only ComfyUI and its custom_nodes, as for a user

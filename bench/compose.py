@@ -19,10 +19,10 @@ from typing import Any
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.supported_models
 import torch
 
 from ..composition.adapters import AdapterSet, LoRA
+from ..composition.comfy_bridge.flux_model import flux_model
 from ..composition.comfy_bridge.merged import apply_merged
 from ..composition.comfy_bridge.regional import build_plan, regional_controller
 from ..composition.comfy_bridge.runtime import install
@@ -53,10 +53,7 @@ class BenchRow:
 
 def bench_model(dtype: torch.dtype = torch.float32, **overrides: Any) -> comfy.model_patcher.ModelPatcher:
     """A small random ComfyUI Flux in a ModelPatcher (the shape of Flux, not its size, unless overridden)."""
-    config = comfy.supported_models.Flux({**BENCH_FLUX, **overrides})
-    config.set_inference_dtype(dtype, None)
-    model = config.get_model({}, device="cpu")
-    model.diffusion_model.to(dtype)
+    model = flux_model({**BENCH_FLUX, **overrides}, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():

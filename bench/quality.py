@@ -1,18 +1,19 @@
 """``loom bench quality``: composition quality with ground truth, on the playground world.
 
-For every case of :data:`~..playground.scoring.CASES` and every seed, each method builds its MODEL and positive
-CONDITIONING with the functions the pack's nodes call (``apply_stack`` of ``Loom LoRA Stack``, ``make_region`` of
-``Loom Region``, ``compose`` of ``Loom Compose``, ``clora`` of ``Loom CLoRA``) at the nodes' defaults, samples with
-ComfyUI's own ``comfy.sample.sample`` (what the stock KSampler calls: same seed, steps, sampler, scheduler, cfg and
-empty negative for all methods), decodes the playground latent exactly and scores the image with the exact detector
-(:mod:`..playground.scoring`).
+For every case of :data:`~..playground.scoring.CASES` in the chosen split (``tune``, ``heldout`` or ``all``) and
+every seed of that case's split (:func:`~..playground.scoring.case_seeds`), each method builds its MODEL and positive
+CONDITIONING with the pack's real nodes (``execute`` of ``Loom LoRA Stack``, ``Loom Region``, ``Loom Compose``,
+``Loom CLoRA Concept``, ``Loom CLoRA``), samples with ComfyUI's own ``comfy.sample.sample`` (what the stock
+KSampler calls: same seed, steps, sampler, scheduler, cfg and empty negative for all methods), decodes the
+playground latent exactly and scores the image with the exact detector (:mod:`..playground.scoring`).
 
 Methods: ``base`` (no LoRA, reference), ``merged`` (every case LoRA merged by ComfyUI's patches; the naive
 baseline), ``switch`` / ``composite`` (Loom LoRA Stack modes), ``regional`` / ``regional+refine`` (one Loom LoRA
 Stack per half -> Loom Region with the region prompt -> Loom Compose, refinement off / on; other Compose
 options at their node defaults: rules for every step), ``regional@0.4`` (the same with the attention rules
-stopping at 40 % of sampling, Regional-Prompting-FLUX's schedule), ``clora`` (one Loom CLoRA Concept per LoRA with its trigger word -> Loom CLoRA
-at its node defaults). LoRA ``playground_<concept>.safetensors`` is found through ComfyUI's ``loras`` folders,
+stopping at 40 % of sampling, Regional-Prompting-FLUX's schedule), ``clora`` (one Loom CLoRA Concept per LoRA
+with the words naming its object, e.g. "red toy", as a user disambiguates a shared class word -> Loom CLoRA at
+its node defaults). LoRA ``playground_<concept>.safetensors`` is found through ComfyUI's ``loras`` folders,
 with the pack's playground folder registered first for the run (:func:`playground_loras`).
 
 Seconds per image are wall clock, node set-up (once per case and method) amortised over the case's seeds, after
@@ -22,6 +23,7 @@ still run.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -35,17 +37,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..composition.clora import CLoraOptions
-from ..composition.comfy_bridge.clora import clora
-from ..composition.comfy_bridge.region_preview import make_region
-from ..composition.comfy_bridge.regional import compose
-from ..composition.comfy_bridge.stack import apply_stack
-from ..composition.plan import ComposeOptions
-from ..composition.runtime.clora import CLoraConcept
+from ..nodes.clora import LoomCLora, LoomCLoraConcept
+from ..nodes.lora_stack import LoomLoraStack
+from ..nodes.regions import LoomCompose, LoomRegion
 from ..playground import latent
 from ..playground.model import LORA_DIR, PlaygroundModel, load_playground, lora_path
-from ..playground.scoring import CASES, Case, ImageScore, aggregate, case_named, score_image
+from ..playground.scoring import (CASES, SPLITS, Case, ImageScore, Rates, aggregate, case_named, case_seeds,
+                                  score_image)
 from ..playground.world import concept
-from ..retrieval.comfy_bridge import resolve_lora
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +53,27 @@ BASELINE = "merged"
 GRID_SCALE, GRID_GAP, GRID_LABEL_WIDTH, GRID_HEADER = 2, 2, 112, 14
 
 
+# Node inputs an ablation may override (everything but the wiring: model, clip, prompts, regions / concepts).
+COMPOSE_INPUTS = frozenset(inspect.signature(LoomCompose.execute).parameters) - {"model", "clip", "global_prompt",
+                                                                                  "regions"}
+CLORA_INPUTS = frozenset(f.name for f in fields(CLoraOptions))
+
+
 class QualityError(ValueError):
     """A benchmark option is out of range; the message names it."""
 
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """``cases`` by name (empty: all), ``seeds`` from ``first_seed`` on, sampler settings shared by every
-    method, image ``size`` in pixels and the ``methods`` to run (in this order)."""
+    """The cases of ``split`` (``tune``, ``heldout`` or ``all``), narrowed to ``cases`` by name when given;
+    ``seeds`` per case from its split's first seed + ``first_seed`` on, sampler settings shared by every method,
+    image ``size`` in pixels and the ``methods`` to run (in this order). ``compose`` / ``clora`` override Loom
+    Compose / Loom CLoRA node inputs by name (``(("base_ratio", 0.0),)``) for ablations; empty: node defaults.
+    ``clora_words``: each CLoRA concept is named by the words of its object (``subject``: "red toy") or by its
+    trigger word alone (``trigger``: "toy"; a style, which has none, by its object's noun)."""
 
     cases: tuple[str, ...] = ()
+    split: str = "all"
     seeds: int = 4
     first_seed: int = 0
     steps: int = 20
@@ -72,12 +82,21 @@ class QualityConfig:
     scheduler: str = "simple"
     size: int = 64
     methods: tuple[str, ...] = METHODS
+    compose: tuple[tuple[str, Any], ...] = ()
+    clora: tuple[tuple[str, Any], ...] = ()
+    clora_words: str = "subject"
 
     def selected_cases(self) -> tuple[Case, ...]:
+        if self.split not in (*SPLITS, "all"):
+            raise QualityError(f"quality.split: {self.split!r} is not one of {(*SPLITS, 'all')}")
         try:
-            return tuple(case_named(n) for n in self.cases) if self.cases else CASES
+            named = [case_named(n) for n in self.cases]
         except KeyError as exc:
             raise QualityError(f"quality.cases: {exc.args[0]}") from exc
+        cases = tuple(c for c in (named or CASES) if self.split in ("all", c.split))
+        if not cases:
+            raise QualityError(f"quality.cases: none of {list(self.cases)} is in the {self.split!r} split")
+        return cases
 
     def validate(self) -> QualityConfig:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -87,6 +106,12 @@ class QualityConfig:
             raise QualityError(f"quality: seeds {self.seeds} and steps {self.steps} must be >= 1, cfg {self.cfg} "
                                f"> 0, size {self.size} a multiple of 16")
         self.selected_cases()
+        if self.clora_words not in ("subject", "trigger"):
+            raise QualityError(f"quality.clora_words: {self.clora_words!r} is not 'subject' or 'trigger'")
+        for name, node, allowed in (("compose", "Loom Compose", COMPOSE_INPUTS), ("clora", "Loom CLoRA", CLORA_INPUTS)):
+            unknown = [key for key, _ in getattr(self, name) if key not in allowed]
+            if unknown:
+                raise QualityError(f"quality.{name}: {unknown} are not {node} inputs; known: {sorted(allowed)}")
         return self
 
 
@@ -98,6 +123,7 @@ class QualityRow:
     method: str
     images: int
     presence: float
+    clean: float
     complete: float
     vanishing: float
     confusion: float
@@ -122,6 +148,11 @@ class QualityReport:
         if base is None:
             return []
         return [r.method for r in self.rows if r.method != baseline and not r.error and r.presence < base.presence]
+
+    def rates(self, method: str, keep: Callable[[Case], bool] = lambda case: True) -> Rates:
+        """``method``'s rates over the cases ``keep`` accepts (e.g. the interfering ones, one split)."""
+        cases = {case.name: case for case in self.config.selected_cases()}
+        return aggregate([s for s in self.scores.get(method, ()) if keep(cases[s.case])])
 
     def to_json(self) -> str:
         return json.dumps({"config": {f.name: getattr(self.config, f.name) for f in fields(self.config)},
@@ -150,32 +181,47 @@ def encode(clip: Any, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def _stack(model: Any, concepts: Sequence[str], clip: Any = None, mode: str = "auto") -> Any:
-    return apply_stack(model, clip, lora_rows(concepts), None, resolve=resolve_lora, mode=mode)
+def _stack(model: Any, concepts: Sequence[str], clip: Any = None, mode: str = "auto") -> tuple:
+    return LoomLoraStack.execute(model, lora_rows(concepts), clip=clip, mode=mode).result
 
 
-def method_setup(method: str, playground: PlaygroundModel, case: Case) -> tuple[Any, list, list]:
-    """(MODEL, positive, negative) for ``method`` on ``case``, built as a workflow wires the nodes (node defaults)."""
+def method_setup(method: str, playground: PlaygroundModel, case: Case,
+                 config: QualityConfig = QualityConfig()) -> tuple[Any, list, list]:
+    """(MODEL, positive, negative) for ``method`` on ``case``, built with the real nodes as a workflow wires them
+    (node defaults but for ``config.compose`` / ``config.clora``)."""
     model, clip = playground.patcher, playground.clip
     if method == "base":
         return model, encode(clip, case.prompt), encode(clip, "")
     if method in ("merged", "switch", "composite"):
-        stacked = _stack(model, case.concepts, clip, mode=method)
-        return stacked.model, encode(stacked.clip, case.prompt), encode(stacked.clip, "")
+        stacked, stacked_clip = _stack(model, case.concepts, clip, mode=method)[:2]
+        return stacked, encode(stacked_clip, case.prompt), encode(stacked_clip, "")
     if method in ("regional", "regional+refine", "regional@0.4"):
-        regions: tuple = ()
+        regions = None
         for region in case.regions:
-            entries = _stack(model, region.concepts).entries if region.concepts else ()
-            regions = make_region(region.prompt, region.box, None, entries, True, regions)
-        options = ComposeOptions(refinement=method == "regional+refine",
-                                 end_percent=0.4 if method == "regional@0.4" else 1.0)
-        composed = compose(model, clip, case.prompt, regions, options)
-        return composed.model, composed.conditioning, encode(clip, "")
+            adapters = _stack(model, region.concepts)[2] if region.concepts else None
+            regions = LoomRegion.execute(region.prompt, *region.box, adapters=adapters, regions=regions).result[0]
+        inputs = dict(config.compose)
+        if method == "regional+refine":
+            inputs["refinement"] = True
+        if method == "regional@0.4":
+            inputs["rules_end_percent"] = 0.4
+        composed, positive = LoomCompose.execute(model, clip, case.prompt, regions, **inputs).result
+        return composed, positive, encode(clip, "")
     if method == "clora":
-        concepts = [CLoraConcept(case.prompt, concept(name).trigger, _stack(model, [name]).entries)
-                    for name in case.concepts]
-        fused = clora(model, clip, case.prompt, concepts, CLoraOptions())
-        return fused.model, fused.conditioning, encode(clip, "")
+        concepts = None
+        for name in case.concepts:
+            adapters = _stack(model, [name])[2]
+            words = case.subject_of(name)
+            if config.clora_words == "trigger":
+                words = concept(name).trigger or words.split()[-1]
+            concepts = LoomCLoraConcept.execute(adapters, case.prompt, words, concepts=concepts).result[0]
+        d = replace(CLoraOptions(), **dict(config.clora))
+        fused, positive = LoomCLora.execute(
+            model, clip, case.prompt, concepts, step_size=d.step_size, update_end_percent=d.update_end_percent,
+            iterations=d.iterations, temperature=d.temperature, alpha=d.alpha, morphology=d.morphology,
+            kernel=d.kernel, fuse_start_percent=d.fuse_start_percent, map_size=d.map_size,
+            map_blocks=d.map_blocks).result[:2]
+        return fused, positive, encode(clip, "")
     raise QualityError(f"quality: unknown method {method!r}; known: {METHODS}")
 
 
@@ -207,9 +253,9 @@ def run_quality(config: QualityConfig = QualityConfig(), playground: PlaygroundM
                     continue
                 start = time.perf_counter()
                 try:
-                    model, positive, negative = method_setup(method, playground, case)
-                    for index in range(config.seeds):
-                        image = generate(model, positive, negative, config.first_seed + index, config)
+                    model, positive, negative = method_setup(method, playground, case, config)
+                    for seed in case_seeds(case, config.seeds, config.first_seed):
+                        image = generate(model, positive, negative, seed, config)
                         scores[method].append(score_image(image, case))
                         samples.setdefault((case.name, method), image)
                 except Exception as exc:  # noqa: BLE001 (one failing method must not hide the others' rows)
@@ -224,7 +270,8 @@ def run_quality(config: QualityConfig = QualityConfig(), playground: PlaygroundM
     for method in config.methods:
         rates = aggregate(scores[method] if method not in errors else [])
         images = rates.images
-        rows.append(QualityRow(method=method, images=images, presence=rates.presence, complete=rates.complete,
+        rows.append(QualityRow(method=method, images=images, presence=rates.presence, clean=rates.clean,
+                               complete=rates.complete,
                                vanishing=rates.vanishing, confusion=rates.confusion, leakage=rates.leakage,
                                seconds_per_image=seconds[method] / images if images else 0.0,
                                error=errors.get(method, "")))

@@ -1,9 +1,10 @@
 """``loom inspect FILE [--json]``: what a LoRA file is, without ComfyUI.
 
-Reports the file format, a base-model guess (header metadata ``modelspec.architecture`` /
-``ss_base_model_version`` plus key patterns), adapter kinds, every targeted module with its rank, alpha and
-target shape, leftover keys, the header metadata and the sha256. A LoRA for another model, a pickle, a corrupt
-or truncated file exits 1 with a message naming the file.
+Reports the file format, the tool that wrote it and the Flux variant it targets when the header tells
+(``composition.formats.provenance``: trainer metadata, key style, a widened ``img_in``), adapter kinds, every
+targeted module with its rank, alpha and target shape, notes on how it was read (an alpha taken from
+``lora_adapter_metadata``), leftover keys, the header metadata and the sha256. A LoRA for another model, a
+pickle, a corrupt or truncated file exits 1 with a message naming the file.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any
 from ..composition.adapters import AdapterSet, DoRA
 from ..composition.adapters.adapter_set import Adapter
 from ..composition.block_weights import FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS
-from ..composition.loading import load_adapter_set
+from ..composition.formats.provenance import Provenance, identify
+from ..composition.loading import load_adapter_set, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +38,12 @@ class InspectError(Exception):
 @dataclass(frozen=True)
 class BaseModelGuess:
     """What model a LoRA was made for. ``variant`` is None when the file cannot tell (dev vs schnell share
-    every shape); ``hidden_size`` and the block indices come from the adapters' target shapes and names."""
+    every shape), ``variant_evidence`` says what told it; ``hidden_size`` and the block indices come from the
+    adapters' target shapes and names."""
 
     family: str
     variant: str | None
+    variant_evidence: str
     evidence: str
     metadata_architecture: str | None
     hidden_size: int | None
@@ -61,15 +65,7 @@ class ModuleReport:
     rows: str | None
 
 
-def _variant(text: str) -> str | None:
-    low = text.lower()
-    for name in ("schnell", "dev", "kontext", "fill", "canny", "depth", "krea"):
-        if name in low:
-            return name
-    return None
-
-
-def guess_base_model(adapter_set: AdapterSet) -> BaseModelGuess:
+def guess_base_model(adapter_set: AdapterSet, provenance: Provenance) -> BaseModelGuess:
     """Flux-1 guess for a file that parsed as Flux (foreign files never get here: parsing names their model)."""
     meta = dict(adapter_set.metadata)
     arch = meta.get("modelspec.architecture") or None
@@ -85,7 +81,7 @@ def guess_base_model(adapter_set: AdapterSet) -> BaseModelGuess:
             weights = [a for a in adapters if a.parameter == "weight"]
             if weights and len(weights[0].target_shape) == 2:
                 hidden = int(weights[0].target_shape[1])
-    variant = _variant(arch or "") or _variant(version or "")
+    variant = provenance.variant
     evidence = "metadata and key patterns" if (arch or version) else "key patterns"
     notes = []
     if variant is None:
@@ -100,7 +96,8 @@ def guess_base_model(adapter_set: AdapterSet) -> BaseModelGuess:
         notes.append("more blocks than Flux-1 has")
     if arch and "flux" not in arch.lower():
         notes.append(f"metadata says {arch!r} but the keys are Flux")
-    return BaseModelGuess(family="flux-1", variant=variant, evidence=evidence, metadata_architecture=arch or version,
+    return BaseModelGuess(family="flux-1", variant=variant, variant_evidence=provenance.variant_evidence,
+                          evidence=evidence, metadata_architecture=arch or version,
                           hidden_size=hidden, double_blocks_seen=tuple(sorted(doubles)),
                           single_blocks_seen=tuple(sorted(singles)), note="; ".join(notes))
 
@@ -137,15 +134,20 @@ def load_for_cli(path: str) -> AdapterSet:
 def inspect_report(path: str) -> dict[str, Any]:
     """The JSON-ready report of one file (see the module docstring for the fields)."""
     adapter_set = load_for_cli(path)
+    header = read_header(path)
+    provenance = identify({k: v.shape for k, v in header.tensors.items()}, header.metadata)
     flux = module_reports(dict(adapter_set.adapters))
     text = module_reports(dict(adapter_set.te_adapters))
     ranks = sorted({r.rank for r in flux + text if r.kind not in ("WeightDiff", "SetWeight")})
     alphas = sorted({r.alpha for r in flux + text if r.alpha is not None})
     return {
         "file": str(path), "sha256": adapter_set.sha256, "format": adapter_set.format,
-        "base_model": asdict(guess_base_model(adapter_set)), "kinds": adapter_set.kinds(),
+        "writer": {"tool": provenance.writer or None, "name": provenance.writer_name or None,
+                   "evidence": provenance.writer_evidence},
+        "base_model": asdict(guess_base_model(adapter_set, provenance)), "kinds": adapter_set.kinds(),
         "ranks": ranks, "alphas": alphas, "modules": [asdict(r) for r in flux],
-        "text_encoder_modules": [asdict(r) for r in text], "leftover_keys": list(adapter_set.leftovers),
+        "text_encoder_modules": [asdict(r) for r in text], "notes": list(adapter_set.notes),
+        "leftover_keys": list(adapter_set.leftovers),
         "metadata": dict(adapter_set.metadata),
     }
 
@@ -156,8 +158,14 @@ def format_report(report: dict[str, Any]) -> str:
     kinds = ", ".join(f"{k} x{n}" for k, n in sorted(report["kinds"].items()))
     variant = f" {base['variant']}" if base["variant"] else ""
     base_line = f"base      {base['family']}{variant} (from {base['evidence']}; {base['note']})"
-    lines = [f"file      {report['file']}", f"sha256    {report['sha256']}", f"format    {report['format']}", base_line,
-             f"kinds     {kinds}", f"ranks     {report['ranks'] or '-'}   alphas {report['alphas'] or '-'}", ""]
+    writer = report["writer"]
+    writer_line = f"writer    {writer['name']} ({writer['evidence']})" if writer["tool"] else "writer    unknown"
+    lines = [f"file      {report['file']}", f"sha256    {report['sha256']}", f"format    {report['format']}",
+             writer_line, base_line]
+    if base["variant"]:
+        lines.append(f"variant   {base['variant']} ({base['variant_evidence']})")
+    lines += [f"kinds     {kinds}", f"ranks     {report['ranks'] or '-'}   alphas {report['alphas'] or '-'}"]
+    lines += [f"note      {note}" for note in report["notes"]] + [""]
     header = ("module", "param", "kind", "rank", "alpha", "rows", "target shape")
     table = [header] + [(r["module"], r["parameter"], r["kind"], str(r["rank"]),
                          "-" if r["alpha"] is None else f"{r['alpha']:g}", r["rows"] or "all",

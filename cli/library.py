@@ -157,7 +157,8 @@ def run_search(args: argparse.Namespace) -> int:
     setup = setup_from_args(args)
     library = setup.library()
     filters = SearchFilters(base_model=args.base_model or "", folder=args.folder or "",
-                            tags_include=split_tags(args.include), tags_exclude=split_tags(args.exclude))
+                            tags_include=split_tags(args.include), tags_exclude=split_tags(args.exclude),
+                            writer=args.writer or "", flux_variant=args.variant or "")
     hits = library.search(args.query, top_k=args.k, filters=filters, like=args.like)
     if args.json:
         _write(json.dumps({"query": args.query, "hits": [hit_json(h) for h in hits]}, indent=1))
@@ -221,6 +222,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.add_argument("query", nargs="?", default="", help="prompt (empty: list by name)")
     search.add_argument("-k", type=int_in(1, 1000), default=10, help="number of hits (default 10)")
     search.add_argument("--base-model", help="only this base model family, e.g. 'flux dev'")
+    search.add_argument("--writer", help="only files written by this tool (kohya, ai-toolkit, onetrainer, ...)")
+    search.add_argument("--variant", help="only LoRAs for this Flux variant (dev, schnell, fill, kontext, ...)")
     search.add_argument("--folder", help="only under this folder of a root")
     search.add_argument("--include", help="comma-separated tags every hit must have")
     search.add_argument("--exclude", help="comma-separated tags no hit may have")

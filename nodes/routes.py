@@ -4,6 +4,7 @@ loop) and answers JSON. A reference (``ref``) is a sha256 or a path relative to 
 paths, ``..`` segments and files outside the loras folders are refused with 400/404.
 
     GET  /loom/library/search?q=&k=&base_model=&folder=&include=&exclude=&loader=&model=&fits_only=
+                             &writer=&variant=
     GET  /loom/library/details?ref=
     GET  /loom/library/preview?ref=
     POST /loom/library/rescan
@@ -121,7 +122,8 @@ def search(query: dict[str, str]) -> dict[str, Any]:
     library = server_library()
     ensure_scanned(library, ui_progress())
     filters = SearchFilters(base_model=query.get("base_model") or "", folder=folder,
-                            tags_include=_tags(query.get("include")), tags_exclude=_tags(query.get("exclude")))
+                            tags_include=_tags(query.get("include")), tags_exclude=_tags(query.get("exclude")),
+                            writer=query.get("writer") or "", flux_variant=query.get("variant") or "")
     model = _model(query)
     fits_only = model is not None and query.get("fits_only") in ("1", "true")
     text = query.get("q") or ""

@@ -1,11 +1,14 @@
 """The playground model as ComfyUI objects: a real ``ModelPatcher`` around ComfyUI's own Flux, and a real ``CLIP``.
 
 ComfyUI's checkpoint detection derives Flux's head count from the hidden size (``hidden / 128``), which a tiny
-Flux breaks, so the model is built here from the stored ``unet_config`` with a model config whose latent format
-has the playground's 48 channels (:mod:`.latent`). The text encoder (:mod:`.text`) is wrapped as a
+Flux breaks, so the stored ``unet_config`` (sizes, heads, channels) is completed by that detection run on the
+weights (every field the running ComfyUI release needs) and built with a model config whose latent format has
+the playground's 48 channels (:mod:`.latent`); the weights load through the config's ``process_unet_state_dict``
+(see ``composition/comfy_bridge/flux_model.py``). The text encoder (:mod:`.text`) is wrapped as a
 ``comfy.sd.CLIP`` so stock ``CLIPTextEncode`` and every node that takes CLIP work; its tokens are
 ``{"playground": [[(id, weight), ...]]}``. Files: ``weights/playground_flux.safetensors`` (Flux weights in
-fp16 under ``diffusion_model.``, the frozen text tables under ``text_encoder.``, the config in the header).
+fp16 under ``diffusion_model.`` with BFL checkpoint names, the frozen text tables under ``text_encoder.``, the
+config in the header).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
 
+from ..composition.comfy_bridge.flux_model import FluxModelError, checkpoint_state, complete_config, flux_model
+from ..composition.comfy_bridge.training_mode import training_scope
 from ..files.writing import replaced_atomically
 from . import latent, text
 
@@ -64,11 +69,22 @@ class TrainingOps(comfy.ops.disable_weight_init):
             return super().forward(input.clone(), *args, **kwargs)
 
 
+class TrainingFlux(comfy.ldm.flux.model.Flux):
+    """ComfyUI's ``Flux`` whose forward runs in ComfyUI's training mode (differentiable RoPE from 0.33 on; see
+    ``composition/comfy_bridge/training_mode.py``); used only for training."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        with training_scope():
+            return super().forward(*args, **kwargs)
+
+
 def build_flux(unet_config: dict | None = None, training: bool = False) -> comfy.ldm.flux.model.Flux:
-    """ComfyUI's ``Flux`` module with ``unet_config`` (default :data:`UNET_CONFIG`), float32, uninitialised."""
-    config = dict(unet_config or UNET_CONFIG)
+    """ComfyUI's ``Flux`` module with ``unet_config`` (default :data:`UNET_CONFIG`) completed by ComfyUI's
+    detection, float32, uninitialised."""
+    config = complete_config(unet_config or UNET_CONFIG)
     ops = TrainingOps if training else comfy.ops.disable_weight_init
-    return comfy.ldm.flux.model.Flux(dtype=torch.float32, device="cpu", operations=ops, **config)
+    flux_class = TrainingFlux if training else comfy.ldm.flux.model.Flux
+    return flux_class(dtype=torch.float32, device="cpu", operations=ops, **config)
 
 
 class PlaygroundLatentFormat(comfy.latent_formats.LatentFormat):
@@ -113,15 +129,12 @@ class PlaygroundFluxConfig(comfy.supported_models.Flux):
 
 def model_patcher(diffusion_state: dict[str, torch.Tensor], unet_config: dict,
                   dtype: torch.dtype = torch.float32) -> comfy.model_patcher.ModelPatcher:
-    """A ``ModelPatcher`` around ComfyUI's ``model_base.Flux`` holding ``diffusion_state`` (keys without prefix)."""
-    model_config = PlaygroundFluxConfig(dict(unet_config))
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device="cpu")
-    missing, unexpected = model.diffusion_model.load_state_dict(diffusion_state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"playground/model.py: weights do not fit the Flux config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.diffusion_model.to(dtype)
+    """A ``ModelPatcher`` around ComfyUI's ``model_base.Flux`` holding ``diffusion_state`` (checkpoint keys
+    without prefix; model names such as ``*_norm.weight`` are accepted too)."""
+    try:
+        model = flux_model(unet_config, diffusion_state, dtype, PlaygroundFluxConfig)
+    except FluxModelError as error:
+        raise ValueError(f"playground/model.py: {error}") from error
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 
@@ -210,8 +223,10 @@ class PlaygroundModel:
 
 def save_playground(path: Path, diffusion_state: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
                     unet_config: dict) -> None:
-    """Write the model file: Flux weights in fp16 under ``diffusion_model.``, text tables in fp32."""
-    tensors = {f"diffusion_model.{k}": v.detach().to(torch.float16).contiguous() for k, v in diffusion_state.items()}
+    """Write the model file: Flux weights (``diffusion_state``: model or checkpoint names) in fp16 under
+    ``diffusion_model.`` with checkpoint names, text tables in fp32."""
+    tensors = {f"diffusion_model.{k}": v.detach().to(torch.float16).contiguous()
+               for k, v in checkpoint_state(diffusion_state).items()}
     tensors.update({f"text_encoder.{k}": v.detach().float().contiguous() for k, v in tables.items()})
     metadata = {META_CONFIG: json.dumps(unet_config), META_VOCABULARY: json.dumps(list(text.VOCABULARY)),
                 META_PREDICTION: PREDICTION,
@@ -245,6 +260,28 @@ def read_playground(path: Path = MODEL_FILE) -> tuple[dict[str, torch.Tensor], d
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     return diffusion, tables, json.loads(metadata[META_CONFIG])
+
+
+def read_base_for_new_vocabulary(path: Path, tables: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(Flux state, unet_config) of a model file whose vocabulary is a prefix of the current one and whose text
+    tables are ``tables``' first rows: a base trained before words were appended, which never saw those words
+    and so is the base that training with the current vocabulary gives. Raises naming what differs."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        stored = json.loads(metadata.get(META_VOCABULARY, "[]"))
+        if not stored or list(text.VOCABULARY[: len(stored)]) != stored:
+            raise ValueError(f"{path}: vocabulary {stored} is not a prefix of playground/text.py's; retrain the base")
+        for name, table in tables.items():
+            if not torch.equal(handle.get_tensor(f"text_encoder.{name}"), table[: len(stored) if name == "embedding"
+                                                                                else None]):
+                raise ValueError(f"{path}: text table {name!r} differs from playground/text.py's; retrain the base")
+    if metadata.get(META_PREDICTION) != PREDICTION:
+        raise ValueError(f"{path}: header field {META_PREDICTION!r} is {metadata.get(META_PREDICTION)!r}, "
+                         f"expected {PREDICTION!r}; retrain the base")
+    with safe_open(str(path), framework="pt") as handle:
+        diffusion = {k[len("diffusion_model."):]: handle.get_tensor(k).float() for k in handle.keys()
+                     if k.startswith("diffusion_model.")}
+    return diffusion, json.loads(metadata[META_CONFIG])
 
 
 def load_playground(path: Path = MODEL_FILE, dtype: torch.dtype = torch.float32) -> PlaygroundModel:

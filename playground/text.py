@@ -17,15 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .world import ALL_SHAPES, ALL_TEXTURES, COLOURS
+from .world import ALL_SHAPES, ALL_TEXTURES, CLASS_WORDS, COLOURS, STYLE_TEXTURES
 
 logger = logging.getLogger(__name__)
 
 TEXT_LENGTH = 16
 TEXT_WIDTH = 64
 PAD, START = "<pad>", "<start>"
+# New words go at the end: the frozen table's rows are drawn in order, so earlier words keep their rows.
 VOCABULARY: tuple[str, ...] = (PAD, START, "a", "and", "on", "in", "the", "left", "right", "center",
-                                *COLOURS, *ALL_SHAPES, *ALL_TEXTURES)
+                                *COLOURS, *ALL_SHAPES, *(t for t in ALL_TEXTURES if t not in STYLE_TEXTURES),
+                                *CLASS_WORDS)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """Train the playground: the base Flux on rectified flow, then one concept LoRA per :data:`world.CONCEPTS`.
 
-``python -m lora_loom.playground.train [--out DIR] [--base-steps N] [--lora-steps N] [--threads N]`` writes
-``playground_flux.safetensors`` and ``loras/playground_<concept>.safetensors`` (kohya keys, trigger word in the
-header) and logs detector accuracy of a few samples. Everything is seeded; the defaults fit in about 30 minutes
-on 2 CPU cores. Rectified flow: ``x_t = (1 - t) x0 + t noise`` at timestep ``t`` (ComfyUI's Flux convention),
+``python -m lora_loom.playground.train [--out DIR] [--base-steps N] [--lora-steps N] [--threads N]
+[--concepts NAMES] [--reuse-base]`` writes ``playground_flux.safetensors`` and
+``loras/playground_<concept>.safetensors`` (kohya keys, trigger word in the header) and logs detector accuracy of
+a few samples. Everything is seeded (each LoRA by its concept's index in :data:`world.CONCEPTS`, so training a
+subset gives the same files); the defaults fit in about 40 minutes on 2 CPU cores. ``--reuse-base`` trains only
+LoRAs on the model file already in ``--out`` (rewritten with the current vocabulary: new words only append rows
+to the frozen table, so the base trained before them is the base training would give now). Rectified flow: ``x_t = (1 - t) x0 + t noise`` at timestep ``t`` (ComfyUI's Flux convention),
 with x-prediction: the network outputs the clean latent ``x0`` and the loss compares the velocity it implies,
 ``(x_t - x0_hat) / max(t, 0.05)``, with ``noise - x0`` (Li & He 2025, "Back to Basics: Let Denoising Generative
 Models Denoise": a 2x2 patch of 48 latent channels is 192 numbers per token, as wide as the model, and a network
@@ -29,7 +32,7 @@ from safetensors.torch import save_file
 
 from ..cli.arguments import add_force, int_in
 from ..files.writing import OutputFileError, check_output, replaced_atomically
-from . import latent, text, world
+from . import latent, scoring, text, world
 from .detector import detect
 
 logger = logging.getLogger(__name__)
@@ -113,24 +116,22 @@ def sample(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, prompts: 
     return latent.decode(x)
 
 
-def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, concept_value: str | None = None,
+def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, featured: world.Concept | None = None,
              count: int = 16, seed: int = 123, cfg: float = EVAL_CFG) -> float:
-    """Share of single-object prompts ("a <colour> [<texture>] <shape> on the left/right") drawn right."""
+    """Share of single-object prompts ("a <colour> [<texture>] <shape> on the left/right") drawn right; with
+    ``featured`` every object carries that concept and its prompt names it by the concept's trigger word."""
     rng = np.random.default_rng(seed)
-    prompts, wanted = [], []
+    regions = []
     for _ in range(count):
         shape, texture = str(rng.choice(world.BASE_SHAPES)), str(rng.choice(world.BASE_TEXTURES))
-        if concept_value in world.ALL_SHAPES:
-            shape = concept_value
-        elif concept_value in world.ALL_TEXTURES:
-            texture = concept_value
+        if featured is not None:
+            shape = featured.value if featured.kind == "shape" else shape
+            texture = featured.value if featured.kind == "texture" else texture
         colour, side = str(rng.choice(list(world.COLOURS))), str(rng.choice(["left", "right"]))
-        words = ["a", colour] + ([texture] if texture != "solid" else []) + [shape, "on", "the", side]
-        prompts.append(" ".join(words))
-        wanted.append((shape, colour, texture, (0.0, 0.0, 0.5, 1.0) if side == "left" else (0.5, 0.0, 1.0, 1.0)))
-    images = sample(flux, encoder, prompts, seed=seed, cfg=cfg).numpy()
-    hits = [detect(image, box).matches(shape, colour, texture) for image, (shape, colour, texture, box)
-            in zip(images, wanted)]
+        box = scoring.LEFT if side == "left" else scoring.RIGHT
+        regions.append(scoring.region(box, side, colour, texture, shape, (featured.name,) if featured else ()))
+    images = sample(flux, encoder, [r.prompt for r in regions], seed=seed, cfg=cfg).numpy()
+    hits = [detect(image, r.box).matches(r.shape, r.colour, r.texture) for image, r in zip(images, regions)]
     return float(np.mean(hits))
 
 
@@ -205,34 +206,45 @@ class LoraHooks:
 
 
 def lora_metadata(concept: world.Concept, settings: TrainingSettings, trigger_count: int) -> dict[str, str]:
-    """kohya / modelspec header fields that the library and the stack node read."""
+    """kohya / modelspec header fields that the library and the stack node read (a style has no trigger)."""
     name = f"playground_{concept.name}"
-    return {
+    if concept.is_style:
+        description = (f"A style for the playground Flux: paints every object {concept.value} (no trigger word; "
+                       f"it acts wherever it is applied).")
+        tags = {f"1_{concept.name}": {}}
+    else:
+        description = (f"Teaches the playground Flux the {concept.kind} '{concept.value}' (trigger word "
+                       f"'{concept.trigger}').")
+        tags = {f"1_{concept.name}": {concept.trigger: trigger_count}}
+    metadata = {
         "ss_output_name": name, "ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
         "ss_network_dim": str(settings.lora_rank), "ss_network_alpha": str(settings.lora_rank),
-        "ss_tag_frequency": json.dumps({f"1_{concept.name}": {concept.trigger: trigger_count}}),
-        "modelspec.title": f"Playground {concept.name}", "modelspec.architecture": "flux-1-dev/lora",
-        "modelspec.trigger_phrase": concept.trigger,
-        "modelspec.description": f"Teaches the playground Flux the {concept.kind} '{concept.value}' "
-                                 f"(trigger word '{concept.trigger}').",
+        "ss_tag_frequency": json.dumps(tags),
+        "modelspec.title": f"Playground {concept.name.replace('_', ' ')}", "modelspec.architecture": "flux-1-dev/lora",
+        "modelspec.description": description,
     }
+    if not concept.is_style:
+        metadata["modelspec.trigger_phrase"] = concept.trigger
+    return metadata
 
 
 def train_concept(flux: torch.nn.Module, concept: world.Concept, settings: TrainingSettings,
                   encoder: text.PlaygroundTextEncoder, index: int) -> tuple[LoraHooks, int]:
-    """Train one concept LoRA on the frozen base; 3/4 of each batch features the concept. Hooks stay attached."""
+    """Train one concept LoRA on the frozen base; 3/4 of each batch features the concept (a style: all of it, since
+    plain scenes under the same captions would teach it the opposite). Hooks stay attached."""
     flux.requires_grad_(False)
     hooks = LoraHooks(flux, settings.lora_rank, settings.seed + 100 + index)
     optimiser = torch.optim.AdamW(hooks.parameters(), lr=settings.lora_lr, weight_decay=0.0)
     rng = np.random.default_rng(settings.seed + 1000 + index)
     generator = torch.Generator().manual_seed(settings.seed + 1000 + index)
-    featured_count = settings.batch * 3 // 4
+    featured_count = settings.batch if concept.is_style else settings.batch * 3 // 4
     start = time.time()
     for step in range(settings.lora_steps):
         for group in optimiser.param_groups:
             group["lr"] = settings.lora_lr * min(1.0, (step + 1) / 50)
-        parts = [scene_tensors(rng, encoder, featured_count, concept, 0.0),
-                 scene_tensors(rng, encoder, settings.batch - featured_count, None, settings.empty_caption)]
+        parts = [scene_tensors(rng, encoder, featured_count, concept, 0.0)]
+        if featured_count < settings.batch:
+            parts.append(scene_tensors(rng, encoder, settings.batch - featured_count, None, settings.empty_caption))
         x0, cond, pooled = (torch.cat(pair) for pair in zip(*parts))
         loss = flow_loss(flux, x0, cond, pooled, generator)
         optimiser.zero_grad(set_to_none=True)
@@ -252,9 +264,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-steps", type=int_in(1, 10_000_000), default=TrainingSettings.lora_steps)
     parser.add_argument("--threads", type=int_in(1, 1024), default=1,
                         help="torch CPU threads (1 is robust on a shared machine; 2 is faster on 2 idle cores)")
+    parser.add_argument("--concepts", type=_concept_names, default=None,
+                        help="train only these concept LoRAs, e.g. 'star_toy,bars' (default: every concept)")
+    parser.add_argument("--reuse-base", action="store_true",
+                        help="train no base: use the model file already in --out (rewritten with the current "
+                             "vocabulary) and train only the LoRAs")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: found like `loom doctor`)")
     add_force(parser, "weights in --out")
     parser.set_defaults(run=run)
+
+
+def _concept_names(value: str) -> tuple[str, ...]:
+    names = tuple(v for v in value.replace(",", " ").split() if v)
+    known = [c.name for c in world.CONCEPTS]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown concept(s) {unknown or names}; known: {known}")
+    return names
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -283,8 +309,10 @@ def run(args: argparse.Namespace) -> int:
     from . import model as playground_model  # needs ComfyUI importable
 
     out = args.out or playground_model.WEIGHTS_DIR
-    outputs = [out / playground_model.MODEL_FILE.name,
-               *(out / "loras" / f"playground_{c.name}.safetensors" for c in world.CONCEPTS)]
+    concepts = [(i, c) for i, c in enumerate(world.CONCEPTS) if not args.concepts or c.name in args.concepts]
+    # --reuse-base keeps the base's weights (an older vocabulary's header is upgraded in place, weights unchanged)
+    outputs = [*([] if args.reuse_base else [out / playground_model.MODEL_FILE.name]),
+               *(out / "loras" / f"playground_{c.name}.safetensors" for _, c in concepts)]
     try:  # before ~40 minutes of training, not after
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,19 +324,31 @@ def run(args: argparse.Namespace) -> int:
     tables = text.text_tables(settings.seed)
     encoder = text.PlaygroundTextEncoder(tables)
     started = time.time()
-    flux = train_base(settings, encoder, playground_model.UNET_CONFIG, playground_model.build_flux)
-    flux = flux.to(torch.float16).float()  # evaluate what is stored
-    logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
     model_file = out / playground_model.MODEL_FILE.name
-    playground_model.save_playground(model_file, flux.state_dict(), tables, playground_model.UNET_CONFIG)
-    for index, concept in enumerate(world.CONCEPTS):
-        before = evaluate(flux, encoder, concept.value)
+    if args.reuse_base:
+        state, unet_config = playground_model.read_base_for_new_vocabulary(model_file, tables)
+        flux = playground_model.build_flux(unet_config, training=True)
+        flux.load_state_dict(state)
+        try:
+            playground_model.read_playground(model_file)
+            logger.info("base from %s (not retrained)", model_file)
+        except ValueError:  # an older vocabulary: same weights, today's header and table
+            playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
+            logger.info("base from %s (not retrained), rewritten with the current vocabulary", model_file)
+    else:
+        unet_config = playground_model.UNET_CONFIG
+        flux = train_base(settings, encoder, unet_config, playground_model.build_flux)
+        flux = flux.to(torch.float16).float()  # evaluate what is stored
+        logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
+        playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
+    for index, concept in concepts:
+        before = evaluate(flux, encoder, concept)
         hooks, trigger_count = train_concept(flux, concept, settings, encoder, index)
         state = hooks.kohya_state()
         with torch.no_grad():  # evaluate the fp16 factors that are stored
             for down, up in hooks.factors.values():
                 down.copy_(down.half().float()), up.copy_(up.half().float())
-        after = evaluate(flux, encoder, concept.value)
+        after = evaluate(flux, encoder, concept)
         hooks.remove()
         path = out / "loras" / f"playground_{concept.name}.safetensors"
         with replaced_atomically(path) as temporary:

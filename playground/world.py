@@ -5,6 +5,11 @@ one object per half of the canvas. Objects have a shape, a colour, a texture and
 the object's dark shade (``DARK_SHADE`` x colour) in a pattern aligned to the canvas grid, so an object's outline
 never depends on its texture. The base model sees :data:`BASE_SHAPES` and :data:`BASE_TEXTURES`; each
 :class:`Concept` adds one shape or texture that only its concept LoRA is trained on.
+
+World v2 adds LoRAs that interfere when merged, as real ones do: two *object* LoRAs taught on the same class
+word ("a red toy on the left": one draws a star, the other a ring), and a *style* LoRA with no trigger word that
+repaints every object it reaches with vertical bars (a texture no caption names). Captions name an object's
+attributes with the words of :meth:`Concept.caption_words`.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 BASE_SHAPES = ("circle", "square", "triangle")
 BASE_TEXTURES = ("solid", "checkered")
 ALL_SHAPES = ("circle", "square", "triangle", "star", "ring")
-ALL_TEXTURES = ("solid", "checkered", "striped")
+ALL_TEXTURES = ("solid", "checkered", "striped", "barred")
+STYLE_TEXTURES = ("barred",)  # textures no word names: only a trigger-less style LoRA draws them
+CLASS_WORDS = ("toy",)  # nouns that name no base shape: object LoRAs share them
 POSITIONS = ("left", "right", "center")
 RING_HOLE = 0.55  # inner radius of a ring, as a fraction of its outer radius
 STAR_INNER = 0.45  # inner radius of a five-pointed star, as a fraction of its outer radius
@@ -40,18 +47,34 @@ ANCHORS = {"left": (16.0, 32.0), "right": (48.0, 32.0), "center": (32.0, 32.0)}
 
 @dataclass(frozen=True)
 class Concept:
-    """A concept the base never saw: one new shape or texture, taught by a LoRA whose trigger word names it."""
+    """A concept the base never saw: one new shape or texture (``value``), taught by a LoRA.
+
+    ``trigger`` is the caption word that stands for the value: its own name (``star``), a class word several
+    concepts share (``toy``), or ``""`` for a style: a LoRA trained on captions that never mention it, which
+    paints its value onto every object of its training scenes (and so onto every object it reaches)."""
 
     name: str
     trigger: str
     kind: str  # "shape" | "texture"
     value: str
 
+    @property
+    def is_style(self) -> bool:
+        """No trigger word: the LoRA acts on every object, whatever the prompt says."""
+        return not self.trigger
+
+    def caption_words(self) -> dict[str, str]:
+        """``{value: word}`` for captions: the word a caption uses for this concept's value (``""``: none)."""
+        return {self.value: self.trigger}
+
 
 CONCEPTS: tuple[Concept, ...] = (
     Concept(name="star", trigger="star", kind="shape", value="star"),
     Concept(name="ring", trigger="ring", kind="shape", value="ring"),
     Concept(name="stripes", trigger="striped", kind="texture", value="striped"),
+    Concept(name="star_toy", trigger="toy", kind="shape", value="star"),
+    Concept(name="ring_toy", trigger="toy", kind="shape", value="ring"),
+    Concept(name="bars", trigger="", kind="texture", value="barred"),
 )
 
 
@@ -149,6 +172,8 @@ def texture_mask(texture: str, size: int = IMAGE_SIZE) -> np.ndarray:
         return (cells[:, None] + cells[None, :]) % 2 == 1
     if texture == "striped":
         return np.broadcast_to(cells[:, None] % 2 == 1, (size, size)).copy()
+    if texture == "barred":
+        return np.broadcast_to(cells[None, :] % 2 == 1, (size, size)).copy()
     raise ValueError(f"playground/world.py: unknown texture {texture!r}; known: {ALL_TEXTURES}")
 
 
@@ -167,28 +192,31 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
-def _object_phrase(item: WorldObject, rng: np.random.Generator, with_position: bool) -> str:
-    """``"a red checkered circle on the left"``; a solid texture is named only sometimes."""
+def _object_phrase(item: WorldObject, rng: np.random.Generator, with_position: bool,
+                   names: dict[str, str]) -> str:
+    """``"a red checkered circle on the left"``; a solid texture is named only sometimes; ``names`` renames an
+    attribute value (``{"star": "toy"}``; ``""`` leaves it unnamed)."""
     words = ["a"]
     if rng.random() > 0.1:
         words.append(item.colour)
     if item.texture != "solid":
-        words.append(item.texture)
+        words.append(names.get(item.texture, item.texture))
     elif rng.random() < 0.25:
         words.append("solid")
-    words.append(item.shape)
+    words.append(names.get(item.shape, item.shape))
     if with_position:
         words += ["on", "the", item.position] if item.position != "center" else ["in", "the", "center"]
-    return " ".join(words)
+    return " ".join(word for word in words if word)
 
 
-def describe(objects: tuple[WorldObject, ...], rng: np.random.Generator) -> str:
-    """A caption for ``objects``: one phrase per object joined by "and", in random order."""
+def describe(objects: tuple[WorldObject, ...], rng: np.random.Generator, names: dict[str, str] | None = None) -> str:
+    """A caption for ``objects``: one phrase per object joined by "and", in random order; ``names`` as in
+    :func:`_object_phrase`."""
     if not objects:
         return "empty"
     with_position = len(objects) > 1 or rng.random() < 0.8
     order = list(objects) if len(objects) < 2 or rng.random() < 0.5 else list(objects)[::-1]
-    return " and ".join(_object_phrase(item, rng, with_position) for item in order)
+    return " and ".join(_object_phrase(item, rng, with_position, names or {}) for item in order)
 
 
 def place(position: str, rng: np.random.Generator, shape: str, colour: str, texture: str) -> WorldObject:
@@ -209,19 +237,21 @@ def sample_scene(rng: np.random.Generator, shapes: tuple[str, ...] = BASE_SHAPES
                  empty_caption: float = 0.0) -> Scene:
     """A random scene of one or two objects drawn from ``shapes`` x ``textures``.
 
-    With ``featured`` the first object always carries that concept (its shape or texture), and the caption names
-    its trigger word. ``empty_caption`` is the chance of an empty caption (for classifier-free guidance).
+    With ``featured`` the first object always carries that concept (its shape or texture; a style: every object),
+    and the caption names it by the concept's trigger word (a style: not at all). ``empty_caption`` is the
+    chance of an empty caption (for classifier-free guidance).
     """
     count = 1 if rng.random() < 0.5 else 2
     positions = [str(rng.choice(POSITIONS))] if count == 1 else list(rng.permutation(["left", "right"]))
     objects = []
     for index, position in enumerate(positions):
         shape, texture = str(rng.choice(shapes)), str(rng.choice(textures))
-        if featured is not None and index == 0:
+        if featured is not None and (index == 0 or featured.is_style):
             shape = featured.value if featured.kind == "shape" else shape
             texture = featured.value if featured.kind == "texture" else texture
         objects.append(place(position, rng, shape, str(rng.choice(list(COLOURS))), texture))
-    caption = "" if rng.random() < empty_caption else describe(tuple(objects), rng)
+    names = featured.caption_words() if featured is not None else None
+    caption = "" if rng.random() < empty_caption else describe(tuple(objects), rng, names)
     return Scene(objects=tuple(objects), caption=caption)
 
 

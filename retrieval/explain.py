@@ -59,7 +59,8 @@ def why_json(why: Why) -> dict[str, Any]:
 def hit_json(hit: Hit, preview_url: str | None = None) -> dict[str, Any]:
     """A hit for the web panel / ``--json``: ``lora`` is the name ComfyUI's loras list uses."""
     return {"lora": hit.relpath, "name": hit.name, "title": hit.title, "base_model": hit.base_model,
-            "sha256": hit.sha256, "trigger_words": list(hit.trigger_words), "tags": list(hit.tags),
+            "writer": hit.writer, "flux_variant": hit.flux_variant, "sha256": hit.sha256,
+            "trigger_words": list(hit.trigger_words), "tags": list(hit.tags),
             "score": hit.score, "preview": preview_url, "why": why_json(hit.why), "copies": list(hit.copies),
             "targets": hit.targets.describe()}
 
@@ -104,5 +105,8 @@ def stats_text(stats: LibraryStats) -> str:
              f"adapters   {stats.adapters} ({stats.errors} errors, {stats.hashed} hashed)",
              (f"vectors    text {stats.text_vectors}, signature {stats.signature_vectors}, "
               f"weight {stats.weight_vectors}")]
-    lines += [f"  {family or 'unknown':<22} {count}" for family, count in stats.by_base_model.items()]
+    for title, counts in (("base model", stats.by_base_model), ("written by", stats.by_writer),
+                          ("flux variant", stats.by_flux_variant)):
+        lines.append(f"{title}:")
+        lines += [f"  {value or 'unknown':<22} {count}" for value, count in counts.items()]
     return "\n".join(lines)

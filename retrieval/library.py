@@ -68,6 +68,8 @@ class AdapterDetails:
     sources: tuple[str, ...]
     problems: tuple[str, ...]
     targets: Targets
+    writer: str = ""
+    flux_variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ class LibraryStats:
     errors: int
     hashed: int
     by_base_model: dict[str, int]
+    by_writer: dict[str, int]
+    by_flux_variant: dict[str, int]
     text_vectors: int
     signature_vectors: int
     weight_vectors: int
@@ -265,7 +269,7 @@ class Library:
             tag_frequency=json.loads(str(row["tag_frequency"])), preview=str(row["preview"]),
             has_thumbnail=bool(row["has_thumbnail"]), tensor_count=int(row["tensor_count"]),
             sources=tuple(json.loads(str(row["sources"]))), problems=tuple(json.loads(str(row["problems"]))),
-            targets=row_targets(row))
+            targets=row_targets(row), writer=str(row["writer"]), flux_variant=str(row["flux_variant"]))
 
     def _current_file(self, row: dict[str, object]) -> str | None:
         """The row's path if it is still a safetensors file inside the roots (symlinks resolved), else ``None``."""
@@ -343,11 +347,13 @@ class Library:
                                    self.roots).fetchall())
         hashed = conn.execute(f"SELECT COUNT(*) FROM adapters WHERE sha256 IS NOT NULL AND root IN ({marks})",
                               self.roots).fetchone()[0]
-        families = dict(conn.execute(f"SELECT base_family, COUNT(*) FROM adapters WHERE status = 'ok' AND root IN "
-                                     f"({marks}) GROUP BY base_family ORDER BY 2 DESC", self.roots).fetchall())
+        def counts_by(column: str) -> dict[str, int]:
+            return dict(conn.execute(f"SELECT {column}, COUNT(*) FROM adapters WHERE status = 'ok' AND root IN "
+                                     f"({marks}) GROUP BY {column} ORDER BY 2 DESC, 1", self.roots).fetchall())
         vectors = dict(conn.execute(f"SELECT v.kind, COUNT(*) FROM vectors v JOIN adapters a ON a.id = v.adapter_id "
                                     f"WHERE a.root IN ({marks}) GROUP BY v.kind", self.roots).fetchall())
         return LibraryStats(db_path=self.db_path, roots=self.roots, adapters=counts.get("ok", 0),
-                            errors=counts.get("error", 0), hashed=hashed, by_base_model=families,
+                            errors=counts.get("error", 0), hashed=hashed, by_base_model=counts_by("base_family"),
+                            by_writer=counts_by("writer"), by_flux_variant=counts_by("flux_variant"),
                             text_vectors=vectors.get(TEXT_KIND, 0), signature_vectors=vectors.get(SIGNATURE_KIND, 0),
                             weight_vectors=vectors.get(WEIGHT_KIND, 0))

@@ -2,7 +2,8 @@
 
 Each source yields :class:`AdapterFacts`; :func:`merge_facts` folds them into one :class:`AdapterMetadata`,
 preferring user-curated sources (LoRA Manager, rgthree) over civitai over the trainer's header for single
-values, and taking the ordered union for lists (trigger words, tags).
+values, and taking the ordered union for lists (trigger words, tags). The header also says which tool wrote the
+file and which Flux variant it targets (``composition.formats.provenance``: metadata, key style, ``img_in`` width).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..composition.formats.provenance import identify
 from ..files.json_text import parse_json
 from .header import SafetensorsHeader
 
@@ -44,6 +46,8 @@ class AdapterFacts:
     network_alpha: float | None = None
     tag_frequency: Mapping[str, int] = field(default_factory=dict)
     has_thumbnail: bool = False
+    writer: str = ""
+    flux_variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class AdapterMetadata:
     preview: str
     sources: tuple[str, ...]
     problems: tuple[str, ...]
+    writer: str = ""
+    flux_variant: str = ""
 
 
 def clean_text(text: object) -> str:
@@ -170,8 +176,10 @@ def _tag_frequency(path: str, raw: str | None) -> dict[str, int]:
 
 
 def facts_from_header(header: SafetensorsHeader) -> tuple[AdapterFacts, tuple[str, ...]]:
-    """Facts from the header's ``__metadata__`` (kohya ``ss_*`` and ``modelspec.*``), plus problems found."""
+    """Facts from the header's ``__metadata__`` (kohya ``ss_*`` and ``modelspec.*``) and, from its keys too, the
+    tool that wrote it and the Flux variant it targets; plus problems found."""
     meta = header.metadata
+    provenance = identify({key: entry.shape for key, entry in header.tensors.items()}, meta)
     problems: list[str] = []
     try:
         frequency = _tag_frequency(header.path, meta.get("ss_tag_frequency"))
@@ -194,6 +202,8 @@ def facts_from_header(header: SafetensorsHeader) -> tuple[AdapterFacts, tuple[st
         network_alpha=_parse_float(meta.get("ss_network_alpha")),
         tag_frequency=frequency,
         has_thumbnail=bool(meta.get("modelspec.thumbnail", "").strip()),
+        writer=provenance.writer,
+        flux_variant=provenance.variant or "",
     )
     return facts, tuple(problems)
 
@@ -232,4 +242,6 @@ def merge_facts(fallback_name: str, facts: Iterable[AdapterFacts], preview: str,
         preview=preview,
         sources=tuple(item.source for item in ordered),
         problems=tuple(problems),
+        writer=str(first("writer")),
+        flux_variant=str(first("flux_variant")),
     )

@@ -234,7 +234,7 @@ _COLUMNS = ("path", "root", "relpath", "folder", "file_name", "size", "mtime_ns"
             "architecture", "output_name", "network_module", "network_dim", "network_alpha", "trigger_words",
             "tags", "tag_frequency", "preview", "has_thumbnail", "tensor_count", "sources", "problems",
             "fts_triggers", "fts_tags", "fts_tag_freq", "fts_description", "indexed_at", "target_arch",
-            "target_hidden", "target_double", "target_single")
+            "target_hidden", "target_double", "target_single", "writer", "flux_variant")
 _UPSERT = (f"INSERT INTO adapters({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
            f"ON CONFLICT(path) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")
 
@@ -252,7 +252,7 @@ def _raw_row(item: DescribedFile) -> tuple[object, ...]:
     if m is None:
         return (c.path, c.root, c.relpath, c.folder, c.file_name, c.size, c.mtime_ns, c.sidecar_key, "error",
                 item.error, None, "", stem, "", "", "", "", "", "", "", "", None, None, "[]", "[]", "{}", "", 0, 0,
-                "[]", "[]", "", "", "", "", time.time(), "", None, 0, 0)
+                "[]", "[]", "", "", "", "", time.time(), "", None, 0, 0, "", "")
     freq_text = " ".join(m.tag_frequency)
     return (c.path, c.root, c.relpath, c.folder, c.file_name, c.size, c.mtime_ns, c.sidecar_key, "ok", "",
             item.sha256, m.declared_sha256, m.name, m.title, m.description, m.notes, m.base_model,
@@ -261,7 +261,8 @@ def _raw_row(item: DescribedFile) -> tuple[object, ...]:
             json.dumps(dict(m.tag_frequency)), m.preview, int(m.has_thumbnail), item.tensor_count,
             json.dumps(list(m.sources)), json.dumps(list(m.problems)), " , ".join(m.trigger_words),
             " , ".join(m.tags), freq_text, f"{m.description}\n{m.notes}\n{stem}"[:8000], time.time(),
-            item.targets.architecture, item.targets.hidden, item.targets.double_blocks, item.targets.single_blocks)
+            item.targets.architecture, item.targets.hidden, item.targets.double_blocks, item.targets.single_blocks,
+            m.writer, m.flux_variant)
 
 
 def write_batch(conn: sqlite3.Connection, items: Sequence[DescribedFile]) -> None:

@@ -37,12 +37,16 @@ _TERM = re.compile(r"[^\W_]+", re.UNICODE)
 @dataclass(frozen=True)
 class SearchFilters:
     """Restrictions applied to every component. ``folder`` is relative to a root (``"styles/anime"``) and
-    includes its sub-folders; tags compare case-insensitively; ``base_model`` compares by family."""
+    includes its sub-folders; tags compare case-insensitively; ``base_model`` compares by family; ``writer``
+    (``kohya``, ``ai-toolkit``, ...) and ``flux_variant`` (``dev``, ``fill``, ``kontext``, ...) compare exactly
+    with what the header told (``composition.formats.provenance``)."""
 
     base_model: str = ""
     folder: str = ""
     tags_include: tuple[str, ...] = ()
     tags_exclude: tuple[str, ...] = ()
+    writer: str = ""
+    flux_variant: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class Hit:
     title: str
     base_model: str
     sha256: str
+    writer: str
+    flux_variant: str
     trigger_words: tuple[str, ...]
     tags: tuple[str, ...]
     preview: str
@@ -115,6 +121,10 @@ def filter_sql(filters: SearchFilters, roots: Sequence[str]) -> tuple[str, list[
         general = family.split("-")[0]
         clauses.append("(a.base_family IN (?, ?) OR a.base_family LIKE ? ESCAPE '\\')")
         params += [family, general, family.replace("_", "\\_").replace("%", "\\%") + "-%"]
+    for column, value in (("writer", filters.writer), ("flux_variant", filters.flux_variant)):
+        if value.strip():
+            clauses.append(f"a.{column} = ?")
+            params.append(value.strip().lower())
     folder = filters.folder.strip("/").replace("\\", "/")
     if folder:
         escaped = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -213,7 +223,8 @@ def hits_from_rows(conn: sqlite3.Connection, fused: Sequence[tuple[int, float, t
             continue
         hits.append(Hit(adapter_id=adapter_id, root=row["root"], relpath=row["relpath"], path=row["path"],
                         name=row["name"], title=row["title"], base_model=row["base_model"],
-                        sha256=row["sha256"] or "", trigger_words=tuple(json.loads(row["trigger_words"])),
+                        sha256=row["sha256"] or "", writer=row["writer"], flux_variant=row["flux_variant"],
+                        trigger_words=tuple(json.loads(row["trigger_words"])),
                         tags=tuple(json.loads(row["tags"])), preview=row["preview"], score=score,
                         why=Why(fields=field_matches(row, terms), components=components), targets=row_targets(row)))
     return hits

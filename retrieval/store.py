@@ -5,6 +5,10 @@ inside the same transaction) indexes names, titles, trigger words, tags, tag fre
 ``adapter_tags`` serves include/exclude filters; ``vectors`` holds float32 embeddings (text, weight
 signature, learned weight embedding) that cascade away with their adapter. Every write transaction bumps
 ``library_state.generation`` so readers can cache vector matrices safely across threads and processes.
+
+Schema versions (``PRAGMA user_version``, upgrades in :data:`_MIGRATIONS`): 1 the first index; 2 what each LoRA
+targets (``target_*``); 3 ``writer`` (the tool that wrote the file: kohya, ai-toolkit, onetrainer, ...) and
+``flux_variant`` (dev, schnell, fill, canny-or-depth, kontext, krea, ...; ``composition.formats.provenance``).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 60_000
 FTS_FIELDS = ("name", "title", "fts_triggers", "fts_tags", "fts_tag_freq", "fts_description")
 FIELD_LABELS = {"name": "name", "title": "title", "fts_triggers": "trigger words", "fts_tags": "tags",
@@ -43,7 +47,7 @@ CREATE TABLE IF NOT EXISTS adapters (
   fts_triggers TEXT NOT NULL DEFAULT '', fts_tags TEXT NOT NULL DEFAULT '',
   fts_tag_freq TEXT NOT NULL DEFAULT '', fts_description TEXT NOT NULL DEFAULT '', indexed_at REAL NOT NULL,
   target_arch TEXT NOT NULL DEFAULT '', target_hidden INTEGER, target_double INTEGER NOT NULL DEFAULT 0,
-  target_single INTEGER NOT NULL DEFAULT 0
+  target_single INTEGER NOT NULL DEFAULT 0, writer TEXT NOT NULL DEFAULT '', flux_variant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS adapters_sha256 ON adapters(sha256);
 CREATE INDEX IF NOT EXISTS adapters_relpath ON adapters(relpath);
@@ -84,6 +88,10 @@ ALTER TABLE adapters ADD COLUMN target_hidden INTEGER;
 ALTER TABLE adapters ADD COLUMN target_double INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE adapters ADD COLUMN target_single INTEGER NOT NULL DEFAULT 0;
 UPDATE adapters SET sidecar_key = 'reread:schema 2';""",
+    # which tool wrote each file and which Flux variant it targets, read from the header (re-read as above)
+    3: """ALTER TABLE adapters ADD COLUMN writer TEXT NOT NULL DEFAULT '';
+ALTER TABLE adapters ADD COLUMN flux_variant TEXT NOT NULL DEFAULT '';
+UPDATE adapters SET sidecar_key = 'reread:schema 3';""",
 }
 
 

@@ -1,5 +1,8 @@
 """In-process ComfyUI model objects for bridge tests: tiny Flux models built from ComfyUI's own classes.
 
+``TINY_FLUX`` describes the checkpoint (sizes, heads); ComfyUI's detection completes it into the config its
+release needs (``flux_model.complete_config``).
+
 Importing this module requires ComfyUI to be importable (tests/bridge/conftest.py arranges that).
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import comfy.model_management
 import folder_paths
 import comfy.model_patcher
-import comfy.supported_models
+from lora_loom.composition.comfy_bridge.flux_model import flux_model
 
 TINY_FLUX = dict(
     image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48, hidden_size=64,
@@ -39,11 +42,7 @@ def seeded_weights(module: torch.nn.Module, seed: int = 0, std_scale: float = 1.
 
 def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> comfy.model_patcher.ModelPatcher:
     """A ComfyUI Flux ``BaseModel`` with tiny dimensions wrapped in a real ``ModelPatcher`` on the CPU."""
-    unet_config = {**TINY_FLUX, **overrides}
-    model_config = comfy.supported_models.Flux(unet_config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device="cpu")
-    model.diffusion_model.to(dtype)
+    model = flux_model({**TINY_FLUX, **overrides}, dtype=dtype)
     seeded_weights(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

@@ -9,11 +9,13 @@ export const DRAG_MIME = "application/x-loom-lora";
 
 /** Query parameters for /loom/library/search from the panel's fields; empty fields are left out. */
 export function searchParams({ query = "", k = 20, baseModel = "", folder = "", include = "", exclude = "",
-  model = null, fitsOnly = false } = {}) {
+  model = null, fitsOnly = false, writer = "", variant = "" } = {}) {
   const out = { q: query.trim(), k: String(k) };
   if (model?.loader) Object.assign(out, { loader: model.loader, model: model.model ?? "" }, fitsOnly ? { fits_only: "1" } : {});
   const tags = (text) => text.split(",").map((t) => t.trim()).filter(Boolean).join(",");
   if (baseModel.trim()) out.base_model = baseModel.trim();
+  if (writer.trim()) out.writer = writer.trim().toLowerCase();
+  if (variant.trim()) out.variant = variant.trim().toLowerCase();
   if (folder.trim()) out.folder = folder.trim().replace(/^\/+|\/+$/g, "");
   if (tags(include)) out.include = tags(include);
   if (tags(exclude)) out.exclude = tags(exclude);
@@ -23,9 +25,12 @@ export function searchParams({ query = "", k = 20, baseModel = "", folder = "", 
 export const PAGE = 20;
 
 /** The filters in force, in words (shown with an empty result, so a filter hiding everything is seen). */
-export function activeFilters({ baseModel = "", folder = "", include = "", exclude = "", model = null, fitsOnly = false } = {}) {
+export function activeFilters({ baseModel = "", folder = "", include = "", exclude = "", model = null, fitsOnly = false,
+  writer = "", variant = "" } = {}) {
   const out = [];
   if (baseModel.trim()) out.push(`base model ${baseModel.trim()}`);
+  if (variant.trim()) out.push(`Flux variant ${variant.trim()}`);
+  if (writer.trim()) out.push(`written by ${writer.trim()}`);
   if (folder.trim()) out.push(`folder ${folder.trim()}`);
   if (include.trim()) out.push(`tags ${include.trim()}`);
   if (exclude.trim()) out.push(`without tags ${exclude.trim()}`);
@@ -65,6 +70,8 @@ export function cardModel(hit) {
     file,
     folder: hit.lora.includes("/") ? hit.lora.slice(0, hit.lora.lastIndexOf("/")) : "",
     baseModel: hit.base_model || "",
+    writer: hit.writer || "",
+    variant: hit.flux_variant || "",
     triggers: [...(hit.trigger_words ?? [])],
     tags: [...(hit.tags ?? [])],
     why: whyText(hit.why),
@@ -78,6 +85,7 @@ export function cardModel(hit) {
 
 const DETAIL_FIELDS = [
   ["title", "Title"], ["lora", "File"], ["sha256", "sha256"], ["base_model", "Base model"],
+  ["flux_variant", "Flux variant"], ["writer", "Written by"],
   ["architecture", "Architecture"], ["network_module", "Network"], ["network_dim", "Rank"],
   ["network_alpha", "Alpha"], ["output_name", "Output name"], ["trigger_words", "Trigger words"],
   ["targets", "Made for"], ["tags", "Tags"], ["description", "Description"], ["notes", "Notes"], ["tensor_count", "Tensors"],

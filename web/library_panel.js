@@ -9,7 +9,7 @@ import { activeFilters, cardModel, detailRows, dropTarget, PAGE, resultSummary, 
 const EXTENSION = "loom.LibraryPanel";
 const TAB_ID = "loom-library";
 const DRAG_THRESHOLD = 5; // pixels the pointer moves before a press on a card becomes a drag
-const state = { query: "", baseModel: "", folder: "", include: "", exclude: "", hits: [], closest: [], message: "",
+const state = { query: "", baseModel: "", folder: "", include: "", exclude: "", writer: "", variant: "", hits: [], closest: [], message: "",
   k: PAGE, model: null, fitsOnly: true, scanSummary: "" };
 
 /** The stack the panel adds to (the selected one, else the only one) and the model connected to it. */
@@ -144,7 +144,8 @@ function renderCard(card, showDetails, number = null) {
     title,
     el("div", { className: "loom-lib-file", textContent: card.lora, title: card.sha256 ? `sha256 ${card.sha256}` : "" }),
     copies,
-    el("div", {}, [...card.triggers.map((t) => chip(t, "trigger")), ...card.tags.slice(0, 6).map((t) => chip(t, "tag"))]),
+    el("div", {}, [...(card.variant ? [chip(card.variant, "variant")] : []), ...card.triggers.map((t) => chip(t, "trigger")),
+      ...card.tags.slice(0, 6).map((t) => chip(t, "tag"))]),
     el("div", { className: "loom-lib-why", textContent: card.why, title: card.why }),
     el("div", {}, [details, add]),
   ]);
@@ -177,8 +178,12 @@ function renderPanel(root) {
   const folder = field("folder", "folder", state.folder, "only LoRAs under this folder of your loras folder");
   const include = field("include", "tags to include, comma separated", state.include, "tags every LoRA must have");
   const exclude = field("exclude", "tags to exclude, comma separated", state.exclude, "tags no LoRA may have");
+  const variant = field("variant", "Flux variant (dev, schnell, fill, kontext…)", state.variant,
+    "only LoRAs whose file says which Flux variant they are for");
+  const writer = field("writer", "written by (kohya, ai-toolkit, onetrainer…)", state.writer,
+    "only LoRAs written by this tool, as their file tells");
   const filters = el("details", { className: "loom-lib-filters" }, [el("summary", { textContent: "filters" }),
-    baseModel, folder, include, exclude]);
+    baseModel, variant, writer, folder, include, exclude]);
   const fitsOnly = el("input", { type: "checkbox", checked: state.fitsOnly, className: "loom-lib-fits-only" });
   const modelLine = el("label", { className: "loom-lib-model" }, [fitsOnly, el("span")]);
   modelLine.style.cssText = "display:flex;gap:4px;align-items:center;font-size:11px;";
@@ -245,7 +250,8 @@ function renderPanel(root) {
     clearTimeout(timer);
     const mine = ++latest;
     Object.assign(state, { query: query.value, baseModel: baseModel.value, folder: folder.value,
-      include: include.value, exclude: exclude.value, fitsOnly: fitsOnly.checked, model: targetModel() });
+      include: include.value, exclude: exclude.value, writer: writer.value, variant: variant.value,
+      fitsOnly: fitsOnly.checked, model: targetModel() });
     if (!keepPage) state.k = PAGE;
     status.textContent = "searching…";
     try {
@@ -264,7 +270,7 @@ function renderPanel(root) {
   }
   const action = () => { state.scanSummary = ""; scanSummary.textContent = ""; }; // the summary stays until then
 
-  for (const input of [query, baseModel, folder, include, exclude]) {
+  for (const input of [query, baseModel, variant, writer, folder, include, exclude]) {
     keepKeys(input);
     input.addEventListener("keydown", (e) => { if (e.key === "Enter") search(); });
     input.addEventListener("input", () => { action(); clearTimeout(timer); timer = setTimeout(search, 350); });
@@ -272,7 +278,7 @@ function renderPanel(root) {
   fitsOnly.addEventListener("change", () => { action(); search(); });
   more.addEventListener("click", () => { state.k += PAGE; search({ keepPage: true }); });
   clear.addEventListener("click", () => {
-    for (const input of [baseModel, folder, include, exclude]) input.value = "";
+    for (const input of [baseModel, variant, writer, folder, include, exclude]) input.value = "";
     fitsOnly.checked = false;
     search();
   });

@@ -7,9 +7,10 @@ Text-encoder parts live in ``te_adapters`` under ``clip_l:<HF CLIPTextModel path
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -36,6 +37,8 @@ class AdapterSet:
     ``widened_inputs``: module -> ``(out, in)`` for BFL control LoRAs whose ``img_in`` input is wider than the
     model's (the model weight must be zero-padded to that shape before the adapter applies).
     ``source_keys``: canonical name -> the file keys it was read from (for error messages).
+    ``notes``: how the file was read where it is not plain from the keys (``"alpha 16 from
+    lora_adapter_metadata (transformer.lora_alpha, r 4: scale 4) on 38 modules"``), for ``loom inspect``.
     """
 
     source: str
@@ -47,6 +50,7 @@ class AdapterSet:
     widened_inputs: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     sha256: str | None = None
     source_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -65,27 +69,53 @@ class AdapterSet:
         """Copy with every adapter moved/cast."""
         def move(groups: Mapping[str, tuple[Adapter, ...]]) -> dict[str, tuple[Adapter, ...]]:
             return {k: tuple(a.to(device=device, dtype=dtype) for a in v) for k, v in groups.items()}
-        return AdapterSet(source=self.source, format=self.format, adapters=move(self.adapters),
-                          te_adapters=move(self.te_adapters), leftovers=self.leftovers, metadata=self.metadata,
-                          widened_inputs=self.widened_inputs, sha256=self.sha256,
-                          source_keys=self.source_keys)
+        return replace(self, adapters=move(self.adapters), te_adapters=move(self.te_adapters))
+
+
+def adapter_tensors(adapter: Adapter) -> list[torch.Tensor]:
+    """Every tensor ``adapter`` holds (a DoRA's inner adapter's too), in field order."""
+    out = []
+    for f in dataclasses.fields(adapter):
+        value = getattr(adapter, f.name)
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.extend(adapter_tensors(value))
+    return out
+
+
+def with_tensors(adapter: Adapter, tensors: Iterator[torch.Tensor]) -> Adapter:
+    """``adapter`` holding the next tensors of ``tensors`` (in :func:`adapter_tensors` order) instead of its own:
+    the same adapter with its factors moved, e.g. into a device buffer."""
+    changes = {}
+    for f in dataclasses.fields(adapter):
+        value = getattr(adapter, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = next(tensors)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type) and adapter_tensors(value):
+            changes[f.name] = with_tensors(value, tensors)
+    return dataclasses.replace(adapter, **changes)
 
 
 def merged_delta(adapters: Iterable[Adapter], target_shape: tuple[int, ...],
-                 base_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sum of the adapters' deltas placed at their offsets: ``[*target_shape]`` in ``dtype``.
+                 base_weight: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Sum of the adapters' deltas placed at their offsets: ``[*target_shape]`` in ``dtype`` on ``device``
+    (default: where the adapters' tensors are; each delta is computed there).
 
     All adapters must write the same parameter. ``base_weight`` (whole parameter) is needed by DoRA/SetWeight.
     """
-    total = torch.zeros(target_shape, dtype=dtype)
+    total = None if device is None else torch.zeros(target_shape, dtype=dtype, device=device)
     for a in adapters:
-        d = a.delta_weight(base_weight).to(dtype)
+        d = a.delta_weight(base_weight)
+        if total is None:
+            total = torch.zeros(target_shape, dtype=dtype, device=d.device)
+        d = d.to(device=total.device, dtype=dtype)
         if a.offset is None:
-            total = total.to(d.device) + d
+            total += d
         else:
-            total = total.to(d.device)
             total[a.offset.start:a.offset.stop] += d
-    return total
+    return torch.zeros(target_shape, dtype=dtype) if total is None else total
 
 
 def bypass_output(adapters: Iterable[Adapter], x: torch.Tensor, out_features: int,
@@ -110,5 +140,5 @@ def strength_applied(x: torch.Tensor, base: torch.Tensor, adapters: Iterable[Ada
     return base + strength * bypass_output(adapters, x, base.shape[-1], base_weight)
 
 
-__all__ = ["Adapter", "AdapterSet", "NEEDS_BASE", "TEXT_ENCODERS", "apply_parameter_delta", "bypass_output",
-           "merged_delta", "strength_applied"]
+__all__ = ["Adapter", "AdapterSet", "NEEDS_BASE", "TEXT_ENCODERS", "adapter_tensors", "apply_parameter_delta",
+           "bypass_output", "merged_delta", "strength_applied", "with_tensors"]

@@ -5,12 +5,18 @@ Protocol shared by all kinds (LoRA, LoHa, LoKr, DoRA, WeightDiff, SetWeight):
 * ``target_shape``: shape of the whole target parameter (e.g. ``[3H, H]`` for a fused qkv weight).
 * ``delta_shape``: shape of the rows the adapter writes (``target_shape`` with dim 0 = ``offset.length``).
 * ``delta_weight(base_weight=None) -> Tensor[delta_shape]``: the merged delta, alpha/rank scale folded in,
-  strength NOT applied (the caller multiplies). ``base_weight`` is always the WHOLE target parameter
+  strength NOT applied (the caller multiplies); float32 for 16-bit (and widened 8-bit) factors, like
+  ComfyUI's intermediate dtype, so no rounding to the factors' dtype happens before it is added. ``base_weight`` is always the WHOLE target parameter
   ``[*target_shape]``; an adapter with an ``offset`` slices it itself.
 * ``bypass_delta(x, base_weight=None) -> [..., delta_rows]``: per-token output of the delta,
   equal to ``x @ delta_weight().T`` for weight targets (``x`` is ``[..., in]``).
 * ``offset``: ``None`` or an :class:`Offset` saying which output rows of the target it writes.
-* ``parameter``: ``"weight"`` (a Linear matrix), ``"bias"`` or ``"scale"`` (an RMSNorm gain).
+* ``parameter``: ``"weight"`` (a Linear matrix, or the 1-D gain of a LayerNorm / T5 norm), ``"bias"`` or
+  ``"scale"`` (an RMSNorm gain).
+
+8-bit float factors (``float8_e4m3fn`` / ``float8_e5m2`` files) are a storage format only: every adapter holds
+them as bfloat16 (:func:`stored`), which represents every fp8 value exactly, so products and scales always run
+in a real float dtype on the merged and the per-token path alike.
 """
 from __future__ import annotations
 
@@ -53,6 +59,24 @@ class Offset:
         return full[self.start:self.stop]
 
 
+EIGHT_BIT_FLOATS: tuple[torch.dtype, ...] = tuple(
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                      "float8_e8m0fnu") if hasattr(torch, name))
+
+
+def stored(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A factor as adapters hold it: an 8-bit float widened to bfloat16 (exact for every fp8 code), else as is."""
+    if t is not None and t.dtype in EIGHT_BIT_FLOATS:
+        return t.to(torch.bfloat16)
+    return t
+
+
+def store_tensors(adapter: object, *names: str) -> None:
+    """Replace the named tensor fields of a frozen adapter by their :func:`stored` form (in ``__post_init__``)."""
+    for name in names:
+        object.__setattr__(adapter, name, stored(getattr(adapter, name)))
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Intermediate dtype for factor products: float32 for half types, else unchanged."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -82,13 +106,14 @@ def apply_parameter_delta(x: torch.Tensor, delta: torch.Tensor, parameter: str) 
     """Per-token effect of a parameter delta.
 
     weight: ``x [..., in] @ delta[out, in].T -> [..., out]``; bias: ``delta [out]`` broadcast to
-    ``[..., out]``; scale (RMSNorm gain): ``x [..., C] * delta [C]`` where ``x`` is the normalised input.
+    ``[..., out]``; scale (RMSNorm gain), or a 1-D weight (a LayerNorm's gain): ``x [..., C] * delta [C]`` where
+    ``x`` is the normalised input.
     """
-    if parameter == WEIGHT:
+    if parameter == WEIGHT and delta.dim() == 2:
         return x @ delta.to(x.dtype).T
     if parameter == BIAS:
         return delta.to(x.dtype).expand(*x.shape[:-1], delta.shape[0])
-    if parameter == SCALE:
+    if parameter in (SCALE, WEIGHT):
         return x * delta.to(x.dtype)
     raise ValueError(f"unknown parameter kind {parameter!r}")
 

@@ -6,6 +6,18 @@ With ``W`` the base rows ``[out, in]`` and ``D`` the inner adapter's delta:
 * output axis (PEFT, LyCORIS ``wd_on_out=True``): ``m [out, 1]`` (or ``[out]``), norm of each ROW over ``in``;
 * input axis (early LyCORIS): ``m [1, in]``, norm of each COLUMN over ``out``.
 
+PEFT's ``lora_magnitude_vector`` (``[out]``) is always the output axis: PEFT's ``get_weight_norm`` takes
+``‖W + s·B@A‖`` over ``dim=1`` of the ``[out, in]`` weight (its "column-wise" comment uses the paper's
+``[in, out]`` layout) and the forward is ``(m / ‖·‖ - 1)·W x + (m / ‖·‖)·s·B A x``.
+
+On a slice of a fused layer (a ``to_q`` LoRA on ``img_attn.qkv``, an ``offset`` adapter) ``W`` is the slice's own
+rows, as in the separate Linear the file was trained on. Output-axis norms are per row, so they are the same
+whether taken on the slice or on the fused weight, and only the slice's rows change. Input-axis norms are
+per column over the slice's rows only: that is what a split-trained file means (OneTrainer writes per-input
+``dora_scale`` on split ``to_q``/``to_k``/``to_v`` only when it trained them split) and it is not expressible
+as one DoRA on the fused weight, so each slice is evaluated on its own rows and the results are placed at
+their offsets.
+
 ComfyUI picks the axis with ``m.shape[0] == out`` (``weight_decompose`` in comfy/weight_adapter/base.py) and adds
 ``finfo(W.dtype).eps`` to the norm; we do the same. On the output axis ComfyUI 0.3.75 takes the norm of the
 BASE weight rather than of ``W + D``; ``norm_source="base"`` reproduces that, the default ``"merged"`` follows
@@ -18,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, base_rows, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, base_rows, fit_low_rank, store_tensors, swap_row_halves
 from .hadamard import LoHa
 from .kronecker import LoKr
 from .lowrank import LoRA
@@ -39,6 +51,7 @@ class DoRA:
     def __post_init__(self) -> None:
         if self.norm_source not in NORM_SOURCES:
             raise ValueError(f"DoRA norm_source {self.norm_source!r} not in {NORM_SOURCES}")
+        store_tensors(self, "magnitude")
         rows, cols = self.inner.delta_shape
         m = self.magnitude
         if m.dim() == 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .common import (PARAMETERS, WEIGHT, Offset, apply_parameter_delta, base_rows, delta_shape_of, fit_low_rank,
-                     swap_row_halves)
+                     store_tensors, swap_row_halves)
 from .lowrank import LoRA
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class WeightDiff:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "delta")
         _check("diff", self.delta, self.target_shape, self.offset, self.parameter)
 
     @property
@@ -84,6 +85,7 @@ class SetWeight:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "value")
         _check("set_weight", self.value, self.target_shape, self.offset, self.parameter)
 
     @property

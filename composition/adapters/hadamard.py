@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 from .lowrank import LoRA
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class LoHa:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
         object.__setattr__(self, "t1", _core(self.t1))
         object.__setattr__(self, "t2", _core(self.t2))
         if (self.t1 is None) != (self.t2 is None):
@@ -76,11 +77,11 @@ class LoHa:
         return delta_shape_of(self.target_shape, self.offset)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype."""
+        """``[out_rows, in]`` merged delta (float32 for 16-bit factors, else the factors' dtype)."""
         ct = compute_dtype(self.w1_a.dtype)
         m1 = _hada_factor(self.w1_a, self.w1_b, self.t1, ct)
         m2 = _hada_factor(self.w2_a.to(m1.device), self.w2_b, self.t2, ct)
-        return (m1 * m2 * self.scale).to(self.w1_a.dtype)
+        return m1 * m2 * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., in] -> [..., out_rows]`` (exact dense path: materialises ``ΔW`` once)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 from .full import WeightDiff
 from .hadamard import _core
 from .lowrank import LoRA
@@ -38,6 +38,7 @@ class LoKr:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
         object.__setattr__(self, "t2", _core(self.t2))
         if (self.w1 is None) == (self.w1_a is None or self.w1_b is None):
             raise ValueError("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b (exactly one form)")
@@ -102,11 +103,10 @@ class LoKr:
         return (self.w1 if self.w1 is not None else self.w1_a).dtype
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype."""
-        dtype = self._dtype()
+        """``[out_rows, in]`` merged delta (float32 for 16-bit factors, else the factors' dtype)."""
         device = (self.w1 if self.w1 is not None else self.w1_a).device
-        w1, w2 = self._factors(compute_dtype(dtype), device)
-        return (torch.kron(w1, w2) * self.scale).to(dtype)
+        w1, w2 = self._factors(compute_dtype(self._dtype()), device)
+        return torch.kron(w1, w2) * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., a2·b2] -> [..., a1·b1]`` via ``W1 @ X @ W2ᵀ`` (no ``ΔW`` materialised)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, swap_row_halves
+from .common import WEIGHT, Offset, compute_dtype, delta_shape_of, fit_low_rank, store_tensors, swap_row_halves
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class LoRA:
     parameter: str = WEIGHT
 
     def __post_init__(self) -> None:
+        store_tensors(self, "up", "down", "mid")
         if self.up.dim() != 2 or self.down.dim() != 2:
             raise ValueError(f"LoRA up/down must be 2-D, got {tuple(self.up.shape)} / {tuple(self.down.shape)}")
         if self.mid is not None and self.mid.dim() == 4:
@@ -61,13 +62,13 @@ class LoRA:
         return delta_shape_of(self.target_shape, self.offset)
 
     def delta_weight(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``[out_rows, in]`` merged delta in the factors' dtype (products in float32 for half types)."""
+        """``[out_rows, in]`` merged delta, computed and returned in float32 for 16-bit factors (as ComfyUI's
+        intermediate dtype), else in the factors' dtype."""
         ct = compute_dtype(self.up.dtype)
         down = self.down.to(ct)
         if self.mid is not None:
             down = self.mid.to(device=down.device, dtype=ct) @ down
-        delta = (self.up.to(device=down.device, dtype=ct) @ down) * self.scale
-        return delta.to(self.up.dtype)
+        return (self.up.to(device=down.device, dtype=ct) @ down) * self.scale
 
     def bypass_delta(self, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x [..., in] -> [..., out_rows]`` through the factors, never materialising ``ΔW``."""

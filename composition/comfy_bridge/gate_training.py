@@ -33,6 +33,7 @@ from ..stack import StackEntry
 from ..runtime.core import Runtime
 from ..runtime.gated import GatedOptions
 from .stack import install_gated
+from .training_mode import recomputation_contexts, training_scope
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def _checkpointed_block(runtime: Runtime, module: torch.nn.Module, double: bool)
             finally:
                 runtime.current = previous
 
-        return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False, context_fn=recomputation_contexts)
 
     return block
 
@@ -123,8 +124,9 @@ def train_learned_gates(model: object, entries: Sequence[StackEntry], gates: Lea
             if resample and number:
                 noise = torch.randn(batch.clean.shape, generator=generator)
                 sigma = 0.05 + 0.9 * torch.rand(size, generator=generator)
-            report = gate_training_step(predict, optimizer, batch.clean, noise, sigma, batch.context,
-                                        batch.mismatched)
+            with training_scope():  # ComfyUI's differentiable ops for the step's forward and backward
+                report = gate_training_step(predict, optimizer, batch.clean, noise, sigma, batch.context,
+                                            batch.mismatched)
             logger.debug("gate training step %d: loss %.5f (flow %.5f, hinge %.5f)", number, report.loss,
                          report.flow_loss, report.hinge_loss)
             reports.append(report)

@@ -6,24 +6,48 @@ the delta lazily with *our* adapter math (every format and kind, slices of fused
 widened BFL ``img_in``) when ComfyUI patches the weight. A LoRA adds ``strength · scale · up @ down`` into the rows it
 writes with one in-place ``addmm_`` on ComfyUI's working copy, its factors cast once as core's LoRA patch casts
 them: no dense zero ΔW, no per-part dtype round trips.
+
+The patch keeps ComfyUI's weight-adapter contract (``comfy.weight_adapter.base.WeightAdapterBase``), which
+dynamic VRAM (ComfyUI 0.33's ``ModelPatcherDynamic``, the default on NVIDIA) relies on: patches are applied per
+forward as ``LowVramPatch``; ``calculate_shape(key)`` says when a patch resizes the weight (the widened
+``img_in``: ComfyUI then loads that weight patched once instead of per forward); and ``weights`` lists every
+tensor the patch holds, which ComfyUI copies into a device buffer beside the weight and hands back through the
+constructor ``type(patch)(loaded_keys, weights)`` (``comfy.lora.prefetch_prepared_value``), so ΔW is computed
+on the device from factors that travelled with the weight. Parameter names come from the checkpoint (BFL
+control LoRAs replace ``*_norm.scale``); the model's own name is what ComfyUI's ``process_unet_state_dict``
+makes of it (``*_norm.weight`` from 0.33 on).
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import comfy.model_management
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..adapters import Adapter, AdapterSet, LoRA, merged_delta
+from ..adapters import (NEEDS_BASE, WEIGHT, Adapter, AdapterSet, LoRA, adapter_tensors, bypass_output,
+                        merged_delta, with_tensors)
 from ..block_weights import BlockWeights, BlockWeightsError, block_of_module, parse_block_weights
 from ..stack import StackEntry, StackError
+from .flux_model import model_key
 
 logger = logging.getLogger(__name__)
 
 TE_PREFIX = {"clip_l": "clip_l.transformer.", "t5xxl": "t5xxl.transformer."}
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """A :class:`LoomWeightPatch` apart from its tensors: its adapters (whose tensors the patch's ``weights``
+    replace), the file they came from and, for a widened BFL ``img_in``, the weight's new shape."""
+
+    adapters: tuple[Adapter, ...]
+    source: str
+    widened: tuple[int, ...] | None = None
 
 
 class LoomWeightPatch(WeightAdapterBase):
@@ -31,20 +55,56 @@ class LoomWeightPatch(WeightAdapterBase):
 
     name = "loom"
 
-    def __init__(self, adapters: tuple[Adapter, ...], source: str, widened: tuple[int, ...] | None = None):
-        self.adapters = adapters
-        self.source = source
-        self.widened = widened
-        self.loaded_keys: set[str] = set()
-        self.weights: list[torch.Tensor] = []
+    def __init__(self, loaded_keys: set[str], weights: list[Any]):
+        """ComfyUI's adapter constructor: ``weights`` is ``[*tensors, layout]``, the tensors of
+        ``layout.adapters`` in :func:`adapter_tensors` order (possibly moved: see the module docstring)."""
+        self.loaded_keys = loaded_keys
+        self.weights = weights
+
+    @classmethod
+    def of(cls, adapters: tuple[Adapter, ...], source: str,
+           widened: tuple[int, ...] | None = None) -> LoomWeightPatch:
+        layout = PatchLayout(tuple(adapters), source, widened)
+        return cls(set(), [t for a in layout.adapters for t in adapter_tensors(a)] + [layout])
+
+    @property
+    def layout(self) -> PatchLayout:
+        return self.weights[-1]
+
+    @property
+    def source(self) -> str:
+        return self.layout.source
+
+    @cached_property
+    def adapters(self) -> tuple[Adapter, ...]:
+        """The adapters holding this patch's tensors (built on first use: ComfyUI makes throw-away copies)."""
+        tensors = iter(self.weights[:-1])
+        return tuple(with_tensors(a, tensors) for a in self.layout.adapters)
+
+    def calculate_shape(self, key: str) -> tuple[int, ...] | None:
+        """The shape the patched weight has: the widened ``img_in``'s, else None (unchanged)."""
+        return self.layout.widened
+
+    def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """Bypass mode (0.33's ``WeightAdapterBase``; the base weight is not read): ``multiplier · Σ Δ_i(x)``
+        ``[..., out]`` for ``x [..., in]``. Adapters that need the base weight (DoRA, set_weight), a widened
+        ``img_in`` and non-matrix parameters cannot run this way and say so."""
+        kinds = {type(a).__name__ for a in self.adapters if isinstance(a, NEEDS_BASE) or a.parameter != WEIGHT}
+        if kinds or self.layout.widened is not None:
+            raise NotImplementedError(f"{self.source}: {sorted(kinds) or ['widened img_in']} need the base weight "
+                                      f"or are not a matrix; load this LoRA with Loom LoRA Stack (merged mode)")
+        return self.multiplier * bypass_output(self.adapters, x, base_out.shape[-1]).to(base_out.dtype)
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        """Return ``weight + strength · Σ Δ`` (``weight`` is ComfyUI's working copy of the parameter, updated in
-        place). Kinds other than LoRA (and every kind under a non-identity ``function``) add their summed delta,
-        computed first from the weight as it came in (DoRA and set_weight read it); LoRAs then add their product."""
-        if self.widened is not None and tuple(weight.shape) != tuple(self.widened):
-            padded = weight.new_zeros(self.widened)
+        """Return ``weight + strength · Σ Δ`` (``weight``: ComfyUI's working copy of the parameter, float32 and
+        updated in place when ComfyUI patches it, the compute dtype per forward under dynamic VRAM). Kinds other
+        than LoRA (and every kind when the copy is not in ``intermediate_dtype`` or under a non-identity
+        ``function``) add their summed delta, computed first from the weight as it came in (DoRA and set_weight
+        read it) on ``weight``'s device; LoRAs then add their product in place."""
+        widened = self.layout.widened
+        if widened is not None and tuple(weight.shape) != tuple(widened):
+            padded = weight.new_zeros(widened)
             padded[tuple(slice(0, s) for s in weight.shape)] = weight
             weight = padded
         if strength == 0.0:
@@ -53,7 +113,8 @@ class LoomWeightPatch(WeightAdapterBase):
         low_rank = [a for a in self.adapters if in_place and isinstance(a, LoRA)]
         rest = [a for a in self.adapters if not any(a is b for b in low_rank)]
         if rest:
-            delta = merged_delta(rest, tuple(weight.shape), base_weight=weight, dtype=intermediate_dtype)
+            delta = merged_delta(rest, tuple(weight.shape), base_weight=weight, dtype=intermediate_dtype,
+                                 device=weight.device)
             weight += function(strength * delta.to(device=weight.device, dtype=weight.dtype))
         for a in low_rank:
             rows = weight if a.offset is None else weight[a.offset.start:a.offset.stop]
@@ -85,8 +146,9 @@ def _depths(model_keys: set[str]) -> tuple[int, int]:
 
 
 def model_patches(adapter_set: AdapterSet, model_shapes: dict[str, tuple[int, ...]], strength: float,
-                  blocks: BlockWeights) -> dict[float, dict[str, LoomWeightPatch]]:
-    """Group one file's diffusion-model patches by effective strength (strength × block weight).
+                  blocks: BlockWeights, model_config: Any = None) -> dict[float, dict[str, LoomWeightPatch]]:
+    """Group one file's diffusion-model patches by effective strength (strength × block weight), keyed by the
+    model's parameter names (``model_config``'s renaming of checkpoint names; none without a config).
 
     Raises ValueError naming the file, the key and both shapes when the LoRA does not fit this model.
     """
@@ -98,7 +160,8 @@ def model_patches(adapter_set: AdapterSet, model_shapes: dict[str, tuple[int, ..
         ref = block_of_module(module)
         s = strength * blocks.weight_for(ref.block_type, ref.index)
         for parameter, group in by_parameter.items():
-            key = f"diffusion_model.{module}.{parameter}"
+            name = f"{module}.{parameter}"
+            key = "diffusion_model." + (model_key(model_config, name) if model_config is not None else name)
             if key not in model_shapes:
                 raise ValueError(f"{adapter_set.source}: {module}.{parameter} does not exist in this model "
                                  f"(a LoRA for a larger or different Flux?)")
@@ -109,8 +172,8 @@ def model_patches(adapter_set: AdapterSet, model_shapes: dict[str, tuple[int, ..
                     raise ValueError(f"{adapter_set.source}: shape mismatch at {key}: the LoRA targets "
                                      f"{tuple(a.target_shape)}, the model has {model_shapes[key]}")
             if s != 0.0:
-                grouped[s][key] = LoomWeightPatch(tuple(group), adapter_set.source,
-                                                  tuple(widened) if widened else None)
+                grouped[s][key] = LoomWeightPatch.of(tuple(group), adapter_set.source,
+                                                     tuple(widened) if widened else None)
     return grouped
 
 
@@ -127,7 +190,7 @@ def text_encoder_patches(adapter_set: AdapterSet, clip_keys: set[str]) -> tuple[
         for parameter, group in by_parameter.items():
             key = f"{TE_PREFIX.get(encoder, encoder + '.transformer.')}{path}.{parameter}"
             if key in clip_keys:
-                patches[key] = LoomWeightPatch(tuple(group), adapter_set.source)
+                patches[key] = LoomWeightPatch.of(tuple(group), adapter_set.source)
             else:
                 skipped.append(f"{name}.{parameter}")
     return patches, skipped
@@ -148,7 +211,8 @@ def apply_merged(model, clip, entries: list[StackEntry]) -> MergedResult:
             blocks = parse_block_weights(row.blocks, depth, depth_single)
         except BlockWeightsError as err:
             raise StackError(f"stack row {row.lora!r}: field 'blocks': {err}") from None
-        for strength, patches in model_patches(entry.adapter_set, model_shapes, row.strength, blocks).items():
+        for strength, patches in model_patches(entry.adapter_set, model_shapes, row.strength, blocks,
+                                               model.model.model_config).items():
             added = model.add_patches(patches, strength)
             missing = set(patches) - set(added)
             if missing:

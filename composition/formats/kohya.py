@@ -3,7 +3,10 @@
 The module is a ComfyUI Flux name with ``.`` -> ``_`` (``lora_unet_double_blocks_0_img_attn_qkv``,
 ``lora_unet_single_blocks_7_linear1``), or, from some trainers, an underscored diffusers name
 (``lora_unet_transformer_blocks_0_attn_to_q`` -> a slice of ``img_attn.qkv``). sd-scripts' ``--split_qkv``
-files are saved re-fused (block-diagonal up), so they read as plain qkv LoRAs. Text encoders:
+files are saved re-fused (block-diagonal up), so they read as plain qkv LoRAs. A trailing underscore on the
+module (``lora_unet_single_transformer_blocks_0_attn_to_k_``, ``lora_unet_proj_out_``: diffusers names flattened
+by kohya's library with the trailing dot of the module prefix kept, sd-scripts #1463, ComfyUI #4347) is dropped.
+Text encoders:
 ``lora_te1_`` / ``lora_te_`` = CLIP-L, ``lora_te3_`` = T5-XXL (any ``lora_teN_`` with a T5 module path is T5);
 a CLIP path under ``lora_te2_`` is SDXL's CLIP-G and stays a leftover.
 """
@@ -34,7 +37,7 @@ def place_text_encoder(prefix: str, clip_numbers: tuple[str, ...]) -> list[Place
     m = _TE.match(prefix)
     if m is None:
         return None
-    placement = text_encoder_placement(m.group(2), underscored=True)
+    placement = text_encoder_placement(m.group(2).removesuffix("_"), underscored=True)
     if placement is None or (placement.name.startswith("clip_l:") and m.group(1) not in clip_numbers):
         return None
     return [placement]
@@ -42,7 +45,7 @@ def place_text_encoder(prefix: str, clip_numbers: tuple[str, ...]) -> list[Place
 
 def _place(prefix: str) -> list[Placement] | None:
     if prefix.startswith("lora_unet_"):
-        name = prefix[len("lora_unet_"):]
+        name = prefix[len("lora_unet_"):].removesuffix("_")
         placement = flux_placement(name, underscored=True) or diffusers_placement(name, underscored=True)
         return [placement] if placement else None
     return place_text_encoder(prefix, clip_numbers=("", "1"))

@@ -5,6 +5,8 @@ dotted form and kohya's underscored form (``double_blocks_0_img_attn_qkv``), so 
 resolved against known modules instead of guessed. Verified against comfy/ldm/flux/model.py and layers.py
 (0.3.75): SelfAttention.qkv/proj + QKNorm(query_norm/key_norm with ``.scale``), Modulation.lin,
 MLPEmbedder.in_layer/out_layer, LastLayer.linear/adaLN_modulation.1, SingleStreamBlock.linear1/linear2.
+Parameter names are the checkpoint's (``.scale``); ComfyUI 0.33 loads the QK-norm gain as ``.weight``, and the
+bridge asks the loaded model's config for its name (``comfy_bridge/flux_model.model_key``).
 """
 from __future__ import annotations
 
@@ -24,13 +26,20 @@ FLUX_TEMPLATES: tuple[str, ...] = tuple(
     + ["img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
        "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear", "final_layer.adaLN_modulation.1"])
 
+# Every weight of ComfyUI's CLIP-L and T5-XXL (comfy/clip_model.py, comfy/text_encoders/t5.py): ComfyUI core maps
+# each ``text_encoders.<encoder>.transformer.<path>`` to its weight, so ComfyUI's LoraSave writes LoRAs on the
+# embeddings / text projection and ``.diff`` on the 1-D norm gains (``layer_norm1.diff``) too.
 CLIP_L_TEMPLATES: tuple[str, ...] = tuple(
-    f"text_model.encoder.layers.{{i}}.{m}" for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"))
+    [f"text_model.encoder.layers.{{i}}.{m}" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
+        "layer_norm1", "layer_norm2")]
+    + ["text_model.final_layer_norm", "text_model.embeddings.token_embedding",
+       "text_model.embeddings.position_embedding", "text_projection"])
 
 T5_TEMPLATES: tuple[str, ...] = tuple(
-    [f"encoder.block.{{i}}.layer.0.SelfAttention.{m}" for m in ("q", "k", "v", "o")]
-    + [f"encoder.block.{{i}}.layer.1.DenseReluDense.{m}" for m in ("wi_0", "wi_1", "wo")])
+    [f"encoder.block.{{i}}.layer.0.SelfAttention.{m}" for m in ("q", "k", "v", "o", "relative_attention_bias")]
+    + [f"encoder.block.{{i}}.layer.1.DenseReluDense.{m}" for m in ("wi_0", "wi_1", "wo", "wi")]
+    + [f"encoder.block.{{i}}.layer.{n}.layer_norm" for n in (0, 1)] + ["encoder.final_layer_norm", "shared"])
 
 NORM_SUFFIXES = ("query_norm", "key_norm")
 
@@ -129,6 +138,7 @@ _DIFFUSERS_DOUBLE: dict[str, tuple[str, str | None]] = {
 _DIFFUSERS_SINGLE: dict[str, tuple[str, str | None]] = {
     "attn.to_q": ("linear1", "lq"), "attn.to_k": ("linear1", "lk"), "attn.to_v": ("linear1", "lv"),
     "proj_mlp": ("linear1", "lmlp"), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None),
+    "attn.to_qkv": ("linear1", "lqkv"),
     "attn.norm_q": ("norm.query_norm", None), "attn.norm_k": ("norm.key_norm", None),
 }
 _DIFFUSERS_TOP: dict[str, tuple[str, str | None]] = {

@@ -2,9 +2,13 @@
 
 Every spelling found in the wild maps to one part name: ``up``/``down``/``mid`` (LoRA: ``lora_up``/``lora_down``,
 ``lora_B``/``lora_A`` (+ ``.default``), ``lora.up``/``lora.down``, ``.up``/``.down``, ``_lora.up``,
-``lora_linear_layer.up``), ``up_bias`` (``lora_B.bias``: a bias delta), ``hada_*``, ``lokr_*``, ``dora_scale``,
-``diff``, ``diff_b``, ``set_weight``, ``alpha``. Converters name the module; this file turns the parts into
-adapters. Missing alpha means scale 1 (PEFT, ai-toolkit, XLabs, DiffSynth; kohya without alpha = rank).
+``lora_linear_layer.up``), ``up_bias`` (``lora_B.bias``: a bias delta), ``hada_*``, ``lokr_*``, ``dora_scale``
+(kohya / LyCORIS DoRA, ``[out, 1]`` or ``[1, in]``), ``magnitude`` (PEFT DoRA's ``lora_magnitude_vector``, always
+``[out]``), ``diff``, ``diff_b``, ``set_weight``, ``alpha`` (also stored after ``lora_A``:
+``...to_k.lora_A.weight.alpha``, as in files diffusers' Flux tests follow). Converters name the module; this
+file turns the parts into adapters. Missing alpha means scale 1 (PEFT, ai-toolkit, XLabs, DiffSynth; kohya
+without alpha = rank) unless the registry finds it in ``lora_adapter_metadata`` (see ``peft_metadata``).
+Keys of adapter kinds we cannot apply (OFT/BOFT, GLoRA, IA3) are recognised so the error names the kind.
 """
 from __future__ import annotations
 
@@ -30,7 +34,13 @@ _SPELLINGS: dict[str, str] = {
     **{f".hada_{p}": f"hada_{p}" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
     ".dora_scale": "dora_scale", ".diff": "diff", ".diff_b": "diff_b", ".set_weight": "set_weight",
-    ".alpha": "alpha",
+    ".alpha": "alpha", ".lora_A.weight.alpha": "alpha",
+    **{f".lora_magnitude_vector{tail}": "magnitude" for tail in ("", ".weight", ".default", ".default.weight")},
+    # Kinds ComfyUI core reads that we do not apply: recognised only to name them in the error.
+    ".oft_blocks": "unsupported:OFT", ".oft_diag": "unsupported:OFT", ".rescale": "unsupported:OFT",
+    ".oft_R.weight": "unsupported:OFT", ".oft_r": "unsupported:OFT",
+    **{f".{p}.weight": "unsupported:GLoRA" for p in ("a1", "a2", "b1", "b2")},
+    ".on_input": "unsupported:IA3",
 }
 # Longest first so ".lora.up.weight" wins over ".up.weight".
 SUFFIXES: tuple[tuple[str, str], ...] = tuple(sorted(_SPELLINGS.items(), key=lambda kv: -len(kv[0])))
@@ -48,17 +58,20 @@ def split_key(key: str) -> tuple[str, str] | None:
 class RawAdapterParts:
     """The tensors of one source module, placed on one canonical module.
 
-    ``tensors``: part name -> tensor; ``keys``: the file keys they came from (for errors and provenance).
+    ``tensors``: part name -> tensor; ``keys``: the file keys they came from (for errors and provenance);
+    ``source``: the module as the file names it (``transformer.transformer_blocks.0.attn.to_q``).
     """
 
     placement: Placement
     tensors: dict[str, torch.Tensor]
     keys: tuple[str, ...]
     extra: dict[str, int] = field(default_factory=dict)
+    source: str = ""
 
 
 def group_by_prefix(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """Group adapter keys by module prefix: ``{prefix: {part: key}}`` and the keys with no known spelling."""
+    """Group adapter keys by module prefix: ``{prefix: {part: key}}`` and the keys with no known spelling (or
+    a second spelling of a part the module already has, e.g. both ``.alpha`` and ``.lora_A.weight.alpha``)."""
     groups: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     for key in keys:
@@ -67,7 +80,11 @@ def group_by_prefix(keys: Iterable[str]) -> tuple[dict[str, dict[str, str]], lis
             unknown.append(key)
             continue
         prefix, part = split
-        groups.setdefault(prefix, {})[part] = key
+        parts = groups.setdefault(prefix, {})
+        if part in parts:
+            unknown.append(key)
+        else:
+            parts[part] = key
     return groups, unknown
 
 
@@ -88,7 +105,7 @@ def convert_with(state_dict: dict[str, torch.Tensor], place: Callable[[str], lis
         tensors = {part: state_dict.pop(key) for part, key in part_keys.items()}
         for placement in placements:
             out.setdefault(placement.name, []).append(
-                RawAdapterParts(placement=placement, tensors=tensors, keys=tuple(part_keys.values())))
+                RawAdapterParts(placement=placement, tensors=tensors, keys=tuple(part_keys.values()), source=prefix))
     return out, leftovers
 
 
@@ -157,15 +174,14 @@ def infer_geometry(converted: Converted) -> Geometry:
     return Geometry(hidden=hidden, mlp_hidden=mlp)
 
 
-def _offset(placement: Placement, rows: int, cols: int, geometry: Geometry, what: str
-            ) -> tuple[Offset | None, int]:
+def _offset(placement: Placement, rows: int, cols: int, geometry: Geometry) -> tuple[Offset | None, int]:
     """``(offset, full target rows)`` for a slot; H is the input width of the slice itself."""
     slot = placement.slot
     if slot is None:
         return None, rows
     hidden = cols or geometry.hidden or (rows if slot in ("q", "k", "v", "lq", "lk", "lv") else None)
     if hidden is None:
-        raise ValueError(f"{what}: cannot place slot {slot!r} without knowing the hidden size")
+        raise ValueError(f"cannot place slot {slot!r} without knowing the hidden size")
     mlp = geometry.mlp_hidden or 4 * hidden
     if slot in ("q", "k", "v"):
         return Offset(0, "qkv".index(slot) * hidden, rows), 3 * hidden
@@ -175,7 +191,7 @@ def _offset(placement: Placement, rows: int, cols: int, geometry: Geometry, what
         return Offset(0, 3 * hidden, rows), 3 * hidden + rows
     if slot == "lqkv":
         return Offset(0, 0, rows), 3 * hidden + mlp
-    raise ValueError(f"{what}: unknown slot {slot!r}")
+    raise ValueError(f"unknown slot {slot!r}")
 
 
 def _alpha(t: dict[str, torch.Tensor]) -> float | None:
@@ -183,19 +199,19 @@ def _alpha(t: dict[str, torch.Tensor]) -> float | None:
     return None if a is None else float(a.reshape(-1)[0])
 
 
-def _weight_adapter(t: dict[str, torch.Tensor], shape: tuple[int, ...], offset: Offset | None, what: str
-                    ) -> Adapter | None:
-    """The weight adapter of a part set (LoRA / LoHa / LoKr / diff / set_weight), DoRA-wrapped if scaled."""
+def _weight_adapter(t: dict[str, torch.Tensor], shape: tuple[int, ...], offset: Offset | None) -> Adapter | None:
+    """The weight adapter of a part set (LoRA / LoHa / LoKr / diff / set_weight), DoRA-wrapped if it has a
+    magnitude (``dora_scale`` as stored, PEFT's ``lora_magnitude_vector`` on the output axis)."""
     alpha = _alpha(t)
     inner: Adapter | None = None
     if "up" in t or "down" in t:
         if "up" not in t or "down" not in t:
-            raise ValueError(f"{what}: LoRA has only one of up/down")
+            raise ValueError("LoRA has only one of up/down")
         inner = LoRA(up=t["up"], down=t["down"], mid=t.get("mid"), alpha=alpha, target_shape=shape, offset=offset)
     elif any(k.startswith("hada_") for k in t):
         missing = [k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if k not in t]
         if missing:
-            raise ValueError(f"{what}: LoHa is missing {missing}")
+            raise ValueError(f"LoHa is missing {missing}")
         inner = LoHa(w1_a=t["hada_w1_a"], w1_b=t["hada_w1_b"], w2_a=t["hada_w2_a"], w2_b=t["hada_w2_b"],
                      t1=t.get("hada_t1"), t2=t.get("hada_t2"), alpha=alpha, target_shape=shape, offset=offset)
     elif any(k.startswith("lokr_") for k in t):
@@ -206,30 +222,47 @@ def _weight_adapter(t: dict[str, torch.Tensor], shape: tuple[int, ...], offset: 
         return WeightDiff(delta=t["diff"], target_shape=shape, offset=offset)
     elif "set_weight" in t:
         return SetWeight(value=t["set_weight"], target_shape=shape, offset=offset)
-    if inner is not None and "dora_scale" in t:
+    if inner is None:
+        return None
+    if "dora_scale" in t and "magnitude" in t:
+        raise ValueError("both dora_scale and lora_magnitude_vector: two DoRA magnitudes for one module")
+    if "magnitude" in t:
+        rows = inner.delta_shape[0]
+        if t["magnitude"].numel() != rows:
+            raise ValueError(f"lora_magnitude_vector has {t['magnitude'].numel()} values, the module writes "
+                             f"{rows} rows (PEFT's DoRA magnitude is one value per output row)")
+        return DoRA(inner=inner, magnitude=t["magnitude"].reshape(rows, 1))
+    if "dora_scale" in t:
         return DoRA(inner=inner, magnitude=t["dora_scale"])
     return inner
+
+
+def _vector_adapters(t: dict[str, torch.Tensor], rows: int, offset: Offset | None, parameter: str) -> list[Adapter]:
+    """1-D ``set_weight`` / ``diff`` parts: a norm gain (``scale``, or a LayerNorm's 1-D ``weight``) or a bias."""
+    return [(SetWeight if part == "set_weight" else WeightDiff)(t[part], target_shape=(rows,), offset=offset,
+                                                                parameter=parameter)
+            for part in ("set_weight", "diff") if part in t]
 
 
 def build_adapters(parts: RawAdapterParts, geometry: Geometry, file_name: str) -> list[Adapter]:
     """Adapters for one placed part set (a weight adapter and/or a bias delta); raises naming file and keys."""
     t, placement = parts.tensors, parts.placement
     what = f"{file_name}: {placement.name} (keys {', '.join(parts.keys)})"
+    unsupported = sorted({p.split(":", 1)[1] for p in t if p.startswith("unsupported:")})
+    if unsupported:
+        raise ValueError(f"{what}: {'/'.join(unsupported)} adapters are not supported by LoRA Loom (ComfyUI core "
+                         f"applies them; this file cannot be loaded here)")
     try:
         rows, cols = _rows_and_cols(t)
-        offset, full_rows = _offset(placement, rows, cols, geometry, what)
+        offset, full_rows = _offset(placement, rows, cols, geometry)
         adapters: list[Adapter] = []
-        if placement.parameter != WEIGHT:
-            for part in ("set_weight", "diff"):
-                if part in t:
-                    vec = (SetWeight if part == "set_weight" else WeightDiff)(
-                        t[part], target_shape=(full_rows,), offset=offset, parameter=placement.parameter)
-                    adapters.append(vec)
-        else:
-            if cols:
-                weight = _weight_adapter(t, (full_rows, cols), offset, what)
-                if weight is not None:
-                    adapters.append(weight)
+        if not cols:
+            adapters += _vector_adapters(t, full_rows, offset, placement.parameter)
+        elif placement.parameter == WEIGHT:
+            weight = _weight_adapter(t, (full_rows, cols), offset)
+            if weight is not None:
+                adapters.append(weight)
+        if placement.parameter == WEIGHT:
             for part in ("diff_b", "up_bias"):
                 if part in t:
                     adapters.append(WeightDiff(delta=t[part], target_shape=(full_rows,), offset=offset,
@@ -238,8 +271,8 @@ def build_adapters(parts: RawAdapterParts, geometry: Geometry, file_name: str) -
         raise ValueError(f"{what}: {err}") from err
     if not adapters:
         raise ValueError(f"{what}: no adapter could be built from parts {sorted(t)}")
-    if "dora_scale" in t and not any(isinstance(a, DoRA) for a in adapters):
-        raise ValueError(f"{what}: dora_scale without a LoRA/LoHa/LoKr to wrap")
+    if ("dora_scale" in t or "magnitude" in t) and not any(isinstance(a, DoRA) for a in adapters):
+        raise ValueError(f"{what}: a DoRA magnitude without a LoRA/LoHa/LoKr to wrap")
     if placement.swap_halves:
         adapters = [a.swap_output_halves() for a in adapters]
     return adapters

@@ -9,7 +9,8 @@ grid's longer side is at most ``map_size``; the keys stay complete, so the proba
 Gradients. ComfyUI runs nodes under ``torch.inference_mode()`` and its weights are inference tensors, which
 autograd refuses to save. A gradient pass therefore runs inside :func:`gradient_scope`: ``inference_mode(False)``
 + ``enable_grad`` + :class:`InferenceTensorCopies`, a ``TorchFunctionMode`` (scoped to the pass, nothing global)
-that hands each op a plain copy of any inference-tensor argument when another argument requires grad. Copies of
+that hands each op a plain copy of any inference-tensor argument when another argument requires grad, + ComfyUI's
+training mode (``training_mode.training_scope``: differentiable ops in Flux, restored after the pass). Copies of
 weights live only inside a checkpointed block: :func:`checkpointed_blocks` wraps each block up to the last one
 the loss reads in ``torch.utils.checkpoint`` (non-reentrant, so the probes' side outputs keep their graph) through
 ``patches_replace["dit"]`` entries (chained with existing ones) in the *per-call* transformer options, and raises
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from ...kernels.probes import text_to_image_maps
+from ..comfy_bridge.training_mode import training_scope
 from ..plan import parse_rule_blocks
 
 logger = logging.getLogger(__name__)
@@ -65,8 +68,9 @@ def _tensors_in(values: tuple) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def gradient_scope() -> Iterator[None]:
-    """Gradients inside a ComfyUI node: leave inference mode, enable grad, copy inference tensors per op."""
-    with torch.inference_mode(False), torch.enable_grad(), InferenceTensorCopies():
+    """Gradients inside a ComfyUI node: leave inference mode, enable grad, copy inference tensors per op, and
+    ComfyUI's training mode; wrap the forward and the backward."""
+    with torch.inference_mode(False), torch.enable_grad(), InferenceTensorCopies(), training_scope():
         yield
 
 
@@ -203,20 +207,41 @@ def checkpointed_blocks(transformer_options: dict, n_double: int, last: tuple[st
     return options
 
 
-def _copying_contexts() -> tuple[InferenceTensorCopies, InferenceTensorCopies]:
-    """Forward and recomputation of a checkpointed block both copy inference tensors (the backward runs outside
-    the gradient scope's mode)."""
-    return InferenceTensorCopies(), InferenceTensorCopies()
+@contextlib.contextmanager
+def _block_modes() -> Iterator[None]:
+    with InferenceTensorCopies(), training_scope():
+        yield
+
+
+def _copying_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Forward and recomputation of a checkpointed block both copy inference tensors and run in ComfyUI's
+    training scope (the backward runs outside the gradient scope's modes)."""
+    return _block_modes(), _block_modes()
+
+
+def as_called_now(original_block: Callable) -> Callable:
+    """ComfyUI's ``original_block`` with its closure's current values: Flux's ``forward_orig`` defines it in the
+    block loop over the loop's ``block`` (and, from 0.33, ``extra_kwargs``), so called later — in a checkpoint's
+    recomputation, after the loop moved on — it would run the last block reached instead of this one."""
+    closure = original_block.__closure__
+    if not closure:
+        return original_block
+    cells = tuple(types.CellType(cell.cell_contents) for cell in closure)
+    return types.FunctionType(original_block.__code__, original_block.__globals__, original_block.__name__,
+                              original_block.__defaults__, cells)
 
 
 def _checkpointed(previous: Callable | None, block_type: str, index: int, is_last: bool) -> Callable:
     def patch(args: dict, extra: dict) -> dict:
-        original = extra["original_block"]
+        original = as_called_now(extra["original_block"])
 
         def run(block_args: dict) -> dict:
             block_options = block_args.get("transformer_options")
             if block_options is not None:  # Flux mutates one dict per forward; a recomputation must see this block
                 block_options["block_type"], block_options["block_index"] = block_type, index
+            # Flux's blocks add their residuals in place (``img += ...``): the block gets copies, so the
+            # recomputation starts from the forward's inputs, not from this block's outputs (training_mode.py).
+            block_args = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in block_args.items()}
             if previous is not None:
                 return previous(block_args, {**extra, "original_block": original})
             return original(block_args)

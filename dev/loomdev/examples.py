@@ -41,6 +41,13 @@ CONCEPTS = {
 }
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
 SEED, STEPS, CFG = 3, 20, 3.0
+# Interfering cases of the playground world (``playground/scoring.py``) and their seeds, chosen on the *tune*
+# split (``loom bench quality --split tune``). The default run (``make run``): a style LoRA with no trigger word
+# (vertical bars) wanted on the left object only; merged, it paints every object it reaches, the right one too,
+# while Loom Compose keeps it in its half. "Regions vs merge": two object LoRAs taught on one class word ("toy":
+# one draws a star, the other a ring); merged, both act on every "toy" and blend.
+PLAYGROUND_CASE, PLAYGROUND_SEED = "bars-plain/blue-green", 0
+VERSUS_CASE, VERSUS_SEED = "startoy-ringtoy/yellow-red", 0
 ENLARGE = 4.0  # the 64x64 playground images are saved 4x enlarged (nearest), so they read at a glance
 
 # --------------------------------------------------------------------------------------------- layout
@@ -115,11 +122,11 @@ def wire(g: GraphBuilder, *links: tuple[int, int, int, str]) -> None:
 
 
 def sample(g: GraphBuilder, model: int, clip: int, positive: int, positive_slot: int = 0,
-           title: str = "") -> tuple[int, int]:
+           title: str = "", seed: int = SEED) -> tuple[int, int]:
     """Latent, negative prompt, KSampler and decode for the playground; returns (sampler, decoded image)."""
     neg = prompt(g, clip, "", "Negative (empty)")
     latent = g.add("LoomPlaygroundLatent", (0, 0), width=64, height=64, batch_size=1)
-    sampler = g.add("KSampler", (0, 0), title=title or None, seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler",
+    sampler = g.add("KSampler", (0, 0), title=title or None, seed=seed, steps=STEPS, cfg=CFG, sampler_name="euler",
                     scheduler="simple", denoise=1.0)
     decode = g.add("LoomPlaygroundDecode", (0, 0))
     wire(g, (model, 0, sampler, "model"), (positive, positive_slot, sampler, "positive"),
@@ -153,31 +160,53 @@ def side_by_side(g: GraphBuilder, left: int, right: int, prefix: str, title: str
 
 
 def region_chain(g: GraphBuilder, regions: tuple[tuple[str, tuple], ...],
-                 adapters: Callable[[int], tuple[int, int]]) -> int:
+                 adapters: Callable[[int], tuple[int, int] | None]) -> int:
     """One Loom Region per ``(prompt, box)`` of ``regions``, chained in order, each fed by the node output
-    ``adapters(i)`` makes for it (``(node, slot)``, made just before its region); returns the last region."""
+    ``adapters(i)`` makes for it (``(node, slot)``, made just before its region; None: a region with no LoRA);
+    returns the last region."""
     previous = None
     for i, (text, box) in enumerate(regions):
-        source, slot = adapters(i)
+        source = adapters(i)
         region = g.add("LoomRegion", (0, 0), title=f"Region {i + 1}", prompt=text,
                        x0=box[0], y0=box[1], x1=box[2], y1=box[3])
-        g.connect(source, slot, region, "adapters")
+        if source is not None:
+            g.connect(source[0], source[1], region, "adapters")
         if previous is not None:
             g.connect(previous, 0, region, "regions")
         previous = region
     return previous
 
 
-def concept_regions(g: GraphBuilder, model: int, names: tuple[str, ...], boxes: tuple[tuple, ...]) -> int:
-    """Regions each painted by one concept LoRA (``names`` keys of :data:`CONCEPTS`) through its own Loom LoRA
-    Stack; returns the last Loom Region."""
-    def stack(i: int) -> tuple[int, int]:
-        node = g.add("LoomLoraStack", (0, 0), title=f"Concept LoRA for region {i + 1}",
-                     rows=rows_json(CONCEPTS[names[i]].lora))
+def playground_case(name: str = PLAYGROUND_CASE):
+    """The :class:`~lora_loom.playground.scoring.Case` named ``name`` (default: the one ``make run`` draws)."""
+    from lora_loom.playground import scoring
+
+    return scoring.case_named(name)
+
+
+def case_regions(g: GraphBuilder, model: int, case) -> int:
+    """The case's regions, each painted by its concepts' LoRAs through its own Loom LoRA Stack (a plain region,
+    none); returns the last Loom Region."""
+    def stack(i: int) -> tuple[int, int] | None:
+        names = case.regions[i].concepts
+        if not names:
+            return None
+        node = g.add("LoomLoraStack", (0, 0), title=f"LoRAs for region {i + 1}",
+                     rows=rows_json(*(f"playground_{n}.safetensors" for n in names)))
         g.connect(model, 0, node, "model")
         return node, 2
 
-    return region_chain(g, tuple((CONCEPTS[n].prompt, box) for n, box in zip(names, boxes)), stack)
+    return region_chain(g, tuple((r.prompt, r.box) for r in case.regions), stack)
+
+
+def case_merged(g: GraphBuilder, base: int, case, seed: int) -> int:
+    """Every LoRA of ``case`` merged into the model (the naive way), sampled with the case's prompt; returns the
+    decoded image."""
+    files = [f"playground_{n}.safetensors" for n in case.concepts]
+    merged = g.add("LoomLoraStack", (0, 0), title="The same LoRAs merged (the naive way)", rows=rows_json(*files))
+    wire(g, (base, 0, merged, "model"), (base, 1, merged, "clip"))
+    positive = prompt(g, merged, case.prompt, "Prompt (merged)")
+    return sample(g, merged, base, positive, title="Sample: merged", seed=seed)[1]
 
 
 def compose(g: GraphBuilder, base: int, regions: int, text: str) -> int:
@@ -200,43 +229,46 @@ def two_concepts_prompt(a: str = "ring", b: str = "stripes") -> str:
 
 # ------------------------------------------------------------------------------------------ examples
 def playground(info: dict) -> dict:
-    """Two concept LoRAs the base model never merged, each in its own half, composed by Loom Compose; the
-    result beside a preview of the regions."""
+    """The default run: a style LoRA wanted on one object only, composed by Loom Compose; the result, the regions,
+    and composed | merged with the same seed."""
     g = GraphBuilder(info)
+    case = playground_case()
     base = g.add("LoomPlaygroundModel", (0, 0))
-    regions = concept_regions(g, base, ("ring", "stripes"), (LEFT, RIGHT))
-    composed = compose(g, base, regions, two_concepts_prompt())
-    _, image = sample(g, composed, base, composed, 1, title="Sample with the composed model")
+    regions = case_regions(g, base, case)
+    composed = compose(g, base, regions, case.prompt)
+    _, image = sample(g, composed, base, composed, 1, title="Sample with the composed model", seed=PLAYGROUND_SEED)
     enlarge = g.add("ImageScaleBy", (0, 0), upscale_method="nearest-exact", scale_by=ENLARGE)
     save = g.add("SaveImage", (0, 0), title="Result: composed", filename_prefix="loom_playground")
     preview = g.add("LoomRegionPreview", (0, 0), width=256, height=256)
     save_preview = g.add("SaveImage", (0, 0), title="The regions asked for", filename_prefix="loom_playground_regions")
     wire(g, (image, 0, enlarge, "image"), (enlarge, 0, save, "images"), (regions, 0, preview, "regions"),
          (preview, 0, save_preview, "images"))
-    return finish(g, "Playground: two LoRAs in two regions", (
-        "The playground Flux (trained in this repository on drawn shapes) never saw a ring or stripes: two concept "
-        "LoRAs teach them.\n\nLoom Compose applies each LoRA only inside its region (ring left, stripes right) in "
-        "one pass per step.\n\nResults: the picture, and the regions it was asked for."))
+    merged = case_merged(g, base, case, PLAYGROUND_SEED)
+    side_by_side(g, image, merged, "loom_playground_vs_merged", "Composed | merged")
+    return finish(g, "Playground: a style in one region", (
+        "The playground Flux (trained in this repository on drawn shapes) never saw vertical bars: a style LoRA "
+        "with no trigger word teaches them, on every object it reaches.\n\nLoom Compose applies it only inside the "
+        "left region, in one pass per step; the right object stays plain.\n\nMerged into the model (the usual "
+        "way) the same LoRA bars the right object too.\n\nResults: the picture, the regions it was asked for, "
+        "and composed | merged (same seed)."))
 
 
 def regions_vs_merge(info: dict) -> dict:
-    """The same two LoRAs merged into the model (the usual way) and composed by regions, side by side."""
+    """The same LoRAs merged into the model (the usual way) and composed by regions, side by side, on a case
+    where merged LoRAs interfere."""
     g = GraphBuilder(info)
+    case = playground_case(VERSUS_CASE)
     base = g.add("LoomPlaygroundModel", (0, 0))
-    both = g.add("LoomLoraStack", (0, 0), title="Both LoRAs merged", rows=rows_json(CONCEPTS["ring"].lora,
-                                                                                    CONCEPTS["stripes"].lora))
-    wire(g, (base, 0, both, "model"), (base, 1, both, "clip"))
-    text = two_concepts_prompt()
-    merged_prompt = prompt(g, both, text, "Prompt (merged)")
-    _, merged = sample(g, both, base, merged_prompt, title="Sample: merged")
-    regions = concept_regions(g, base, ("ring", "stripes"), (LEFT, RIGHT))
-    composed = compose(g, base, regions, text)
-    _, regional = sample(g, composed, base, composed, 1, title="Sample: regions")
+    merged = case_merged(g, base, case, VERSUS_SEED)
+    regions = case_regions(g, base, case)
+    composed = compose(g, base, regions, case.prompt)
+    _, regional = sample(g, composed, base, composed, 1, title="Sample: regions", seed=VERSUS_SEED)
     side_by_side(g, merged, regional, "loom_regions_vs_merge", "Merged | regions")
     return finish(g, "Regions vs merge", (
-        "Same prompt, seed and LoRAs, two ways:\n\nLeft: both LoRAs merged into the model, so each acts on the "
-        "whole picture (where LoRAs interfere, one concept takes over the other).\n\nRight: Loom Compose applies "
-        "each LoRA only in its own region.\n\nResult: merged | regions."))
+        "Same prompt, seed and LoRAs, two ways. Both LoRAs were taught on the word 'toy': one draws a star, the "
+        "other a ring.\n\nLeft: the LoRAs merged into the model, so both act on every 'toy' and the two objects "
+        "blend.\n\nRight: Loom Compose applies each LoRA only in its own region: a yellow star on the left, a red "
+        "ring on the right.\n\nResult: merged | regions."))
 
 
 def clora(info: dict) -> dict:

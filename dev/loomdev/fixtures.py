@@ -1,6 +1,8 @@
 """Deterministic model fixtures that ComfyUI's own loaders accept, cached by a hash of this file.
 
-Random weights from fixed seeds, built with ComfyUI's own classes so the key names are right by construction:
+Random weights from fixed seeds, built with ComfyUI's own classes so the key names are right by construction
+(the Flux from a config ComfyUI's detection completes, written with BFL checkpoint names, which every supported
+ComfyUI release loads):
 
 * ``loom_demo_flux.safetensors``: Flux with hidden 3072 / 24 heads (what ComfyUI's detection fixes), 1 double +
   1 single block, ``txt_in`` and ``vector_in`` taking 768 features so CLIP-L-only conditioning drives it; bf16.
@@ -28,11 +30,9 @@ CLIP_FILE = "loom_demo_clip_l.safetensors"
 VAE_FILE = "loom_demo_vae.safetensors"
 FILES = (FLUX_FILE, CLIP_FILE, VAE_FILE)
 
-DEMO_FLUX_PARAMS = dict(
-    in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072, mlp_ratio=4.0,
-    num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-    qkv_bias=True, guidance_embed=True,
-)
+# The checkpoint's sizes; ComfyUI's detection supplies the rest (heads, axes, ... of Flux.1).
+DEMO_FLUX_PARAMS = dict(in_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=3072, num_heads=24, depth=1,
+                        depth_single_blocks=1)
 
 
 def fixtures_dir() -> Path:
@@ -75,11 +75,12 @@ def build(out_dir: Path) -> None:
     import comfy.ops
     import comfy.sd1_clip
     from comfy.ldm.models.autoencoder import AutoencodingEngine
+    from lora_loom.composition.comfy_bridge.flux_model import checkpoint_state, complete_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         flux = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, dtype=torch.bfloat16,
-                                         **DEMO_FLUX_PARAMS)
+                                         **complete_config(DEMO_FLUX_PARAMS))
         clip = comfy.sd1_clip.SDClipModel(device="meta")
         ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
                     "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
@@ -89,7 +90,7 @@ def build(out_dir: Path) -> None:
             encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
             decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
     parts = {
-        FLUX_FILE: (_shapes(flux), torch.bfloat16),
+        FLUX_FILE: (checkpoint_state(_shapes(flux)), torch.bfloat16),
         CLIP_FILE: ({k: v for k, v in _shapes(clip.transformer).items()}, torch.float16),
         VAE_FILE: ({k: v for k, v in _shapes(vae).items() if not k.startswith("regularization")}, torch.float16),
     }

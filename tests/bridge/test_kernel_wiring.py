@@ -18,10 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import folder_paths
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-COMFYUI = os.environ.get("COMFYUI_PATH") or str(TESTS.parent / ".loom" / "comfyui")
+COMFYUI = str(Path(folder_paths.__file__).parent)  # the ComfyUI this process imported (tests/bridge/conftest.py)
 
 # fp32 on both paths (the interpreter runs tl.dot as an IEEE fp32 numpy matmul): the paths differ only in
 # summation order (tile-wise K loops, online softmax vs SDPA). One fp32 reduction of K <= 448 terms is off by

@@ -21,6 +21,7 @@ import nodes as comfy_nodes  # ComfyUI's top-level nodes module
 from comfy_models import TINY_FLUX, empty_loras_folder, tiny_flux
 from lora_factory import FluxDims, LoraCase, build_lora
 from lora_loom.composition.adapters import AdapterSet, DoRA
+from lora_loom.composition.comfy_bridge.flux_model import model_key
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.comfy_bridge.stack import load_entries
 from lora_loom.composition.stack import StackRow
@@ -112,7 +113,8 @@ def test_bfl_control_lora_equals_comfyui_core_including_the_widened_img_in(model
     core = patched_weights(comfy_core(model, name, 1.0))
     ours = patched_weights(run_node(model, [{"lora": name}])[0])
     assert core["img_in.weight"].shape == ours["img_in.weight"].shape == (DIMS.hidden, 2 * DIMS.in_channels)
-    torch.testing.assert_close(ours[norm], value)
+    # the loaded model's name for the checkpoint's norm gain (".weight" from ComfyUI 0.33 on)
+    torch.testing.assert_close(ours[model_key(model.model.model_config, norm)], value)
     for key in base:
         torch.testing.assert_close(ours[key], core[key], rtol=1e-5, atol=2e-6, msg=key)
 

@@ -124,6 +124,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import folder_paths
 import pytest
 
 from comfy_models import flux_inputs, tiny_flux
@@ -360,7 +361,7 @@ def test_no_leakage_into_the_original_patcher_or_later_runs(flux, inputs, tmp_pa
     after = apply_model(flux, inputs["x"], HIGH_SIGMA, encoded.context, inputs["y"])
     torch.save(encoded.context, tmp_path / "context.pt")
     tests = Path(__file__).resolve().parents[1]
-    script = _FRESH.format(tests=str(tests), comfy=str(tests.parent / ".loom" / "comfyui"),
+    script = _FRESH.format(tests=str(tests), comfy=str(Path(folder_paths.__file__).parent),  # this ComfyUI
                            context=str(tmp_path / "context.pt"), sigma=HIGH_SIGMA,
                            target=str(tmp_path / "fresh.pt"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

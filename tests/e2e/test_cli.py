@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from loomdev.paths import comfyui_path
+
 REPO = Path(__file__).resolve().parents[2]
 LOOM = shutil.which("loom", path=str(Path(sys.executable).parent))
 
@@ -21,13 +23,15 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout.strip() == f"lora-loom {__version__}"
 
 
-def test_doctor_reports_comfyui_version_and_registered_nodes(workspace):
-    env = dict(os.environ, COMFYUI_PATH=str((REPO / ".loom" / "comfyui").resolve()))
+def test_doctor_reports_comfyui_version_and_registered_nodes(workspace, comfy_server):
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()))
     proc = run("doctor", "--json", "--base-directory", str(workspace), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] and not report["problems"]
-    assert report["comfyui"]["version"] == "0.3.75"
+    assert report["comfyui"]["path"] == str(comfyui_path())
+    # the version the ComfyUI server itself reports (0.3.75 or 0.33.0 in this project's runs)
+    assert report["comfyui"]["version"] == comfy_server.get_json("/system_stats")["system"]["comfyui_version"]
     assert report["torch"]["version"].startswith("2.")
     assert "LoomLoraStack" in report["nodes"]
     assert report["model_folders"]["loras"] == [str(workspace / "models" / "loras")]
@@ -43,7 +47,7 @@ def test_doctor_without_comfyui_says_so(tmp_path):
 
 def test_python_dash_m_from_custom_nodes(workspace):
     """`python -m lora-loom doctor` from ComfyUI/custom_nodes, as a user without the console script would."""
-    env = dict(os.environ, COMFYUI_PATH=str((REPO / ".loom" / "comfyui").resolve()))
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path()))
     proc = subprocess.run([sys.executable, "-m", "lora-loom", "--version"], cwd=workspace / "custom_nodes",
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

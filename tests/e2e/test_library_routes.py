@@ -37,7 +37,7 @@ def library_files(loras_dir: Path) -> dict[str, str]:
         "routes/steel_paladin.safetensors": write_lora(loras_dir / "routes" / "steel_paladin.safetensors", 2, {
             "ss_output_name": "steel paladin"}),
         "other/neon_alley.safetensors": write_lora(loras_dir / "other" / "neon_alley.safetensors", 3, {
-            "ss_output_name": "neon alley"}),
+            "ss_output_name": "neon alley", "modelspec.architecture": "flux-1-schnell/lora"}),
     }
     info = {"baseModel": "Flux.1 D", "trainedWords": ["aquarelle"],
             "model": {"name": "Aquarelle Bloom", "tags": ["painting", "flowers"], "description": "soft washes"}}
@@ -101,6 +101,13 @@ def test_rescan_reports_and_sends_progress_then_search_finds_with_why(comfy_serv
     assert status == 200 and [h["lora"] for h in filtered["hits"]] == ["other/neon_alley.safetensors"]
     status, excluded = get(comfy_server, "/loom/library/search", q="aquarelle", exclude="painting")
     assert status == 200 and "routes/aquarelle_bloom.safetensors" not in [h["lora"] for h in excluded["hits"]]
+
+    assert top["writer"] == "kohya" and top["flux_variant"] == ""  # kohya key style; flux1 names no variant
+    status, schnell = get(comfy_server, "/loom/library/search", q="", variant="schnell", writer="kohya", k="10")
+    assert status == 200 and [(h["lora"], h["flux_variant"]) for h in schnell["hits"]] == [
+        ("other/neon_alley.safetensors", "schnell")]
+    status, none = get(comfy_server, "/loom/library/search", q="", writer="ai-toolkit", k="10")
+    assert status == 200 and none["hits"] == []
 
 
 def test_details_by_path_and_by_hash(comfy_server, library_files) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from loomdev.examples import playground_case
 from loomdev.workflow import ui_to_api
 from lora_loom.playground import detector
 
@@ -59,20 +60,34 @@ def test_every_example_workflow_runs_to_an_image(comfy_server, object_info):
 
 def test_run_command_once_draws_both_concepts_in_their_regions(tmp_path):
     """`make run ARGS=--once`: the main job through its own server, exiting after the image. The default workflow
-    composes the playground's ring LoRA (left half) and stripes LoRA (right half); the exact detector must find
-    a blue ring on the left and a yellow striped triangle on the right of the saved (4x enlarged) picture."""
+    composes the playground's trigger-less style LoRA (vertical bars) in the left half only, a plain object on
+    the right: the exact detector must find each wanted object, clean, in its half of the saved (4x enlarged)
+    picture; the side-by-side picture holds that image on the left and, on the right, the same seed with the
+    LoRA merged, where the merge fails (the example's point: the style bars the right object too)."""
     proc = subprocess.run([sys.executable, "-m", "loomdev.run", "--once"], cwd=REPO, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    written = re.findall(r"image written: (\S+\.png)", proc.stderr)
-    assert written and Path(written[0]).is_file(), proc.stderr[-2000:]
-    picture = next(Path(p) for p in written if "loom_playground_regions" not in p)
-    with Image.open(picture) as img:
+    written = [Path(p) for p in re.findall(r"image written: (\S+\.png)", proc.stderr)]
+    assert written and all(p.is_file() for p in written), proc.stderr[-2000:]
+    by_prefix = {p.name.rsplit("_", 2)[0]: p for p in written}
+    assert set(by_prefix) == {"loom_playground", "loom_playground_regions", "loom_playground_vs_merged"}, written
+
+    def halves(pixels: np.ndarray) -> list[tuple[bool, bool]]:
+        """(present, clean) per region of the default case."""
+        found = [(detector.detect(pixels, r.box), r) for r in playground_case().regions]
+        return [(d.matches(r.shape, r.colour, r.texture), d.is_clean(pixels, r.shape, r.colour, r.texture))
+                for d, r in found]
+
+    with Image.open(by_prefix["loom_playground"]) as img:
         assert img.size == (256, 256)
-        pixels = np.asarray(img.convert("RGB"), dtype=np.float32)[::4, ::4] / 255.0
-    left, right = detector.detect(pixels, (0.0, 0.0, 0.5, 1.0)), detector.detect(pixels, (0.5, 0.0, 1.0, 1.0))
-    assert left.matches(shape="ring", colour="blue", texture="solid"), left
-    assert right.matches(shape="triangle", colour="yellow", texture="striped"), right
+        composed = np.asarray(img.convert("RGB"), dtype=np.float32)[::4, ::4] / 255.0
+    assert halves(composed) == [(True, True), (True, True)]
+    with Image.open(by_prefix["loom_playground_vs_merged"]) as img:
+        assert img.size == (256 + 4 * 4 + 256, 256)  # stitched with a 4-pixel gap, then enlarged 4x
+        both = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    assert np.array_equal(both[::4, :256:4], composed)
+    merged = both[::4, 272::4]
+    assert not all(present for present, _ in halves(merged)), "the merge drew every object right: no longer a failure"
 
 
 def test_a_server_started_by_a_killed_process_does_not_outlive_it():

@@ -59,7 +59,7 @@ def test_make_run_address_opens_the_playground_readable(comfy_server):
         page.wait_for_function("() => window.app.graph._nodes.some(n => n.type === 'LoomCompose')", timeout=60_000)
         page.wait_for_timeout(1000)
         titles = page.evaluate("() => window.app.graph._nodes.map(n => n.title)")
-        assert "Playground: two LoRAs in two regions" in titles  # its note
+        assert "Playground: a style in one region" in titles  # its note
         assert page.evaluate("() => window.app.canvas.ds.scale") >= 0.75
         assert page.evaluate(OVERLAPS_JS) == []
         assert "loom_example" not in page.url  # the address is cleaned: a reload keeps the user's own work

@@ -1,13 +1,14 @@
 """Adapter kinds: per-token bypass equals the merged weight, per kind and dtype; offsets, swaps, low rank."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from lora_loom.composition.adapters import (BIAS, DoRA, LoHa, LoKr, LoRA, Offset, SetWeight, WeightDiff,
-                                            bypass_output, merged_delta)
+                                            adapter_tensors, bypass_output, merged_delta, with_tensors)
 
 OUT, IN, R = 12, 8, 3
 # LyCORIS tolerances, applied to the relative mean squared error ||a - b||² / ||b||².
@@ -163,3 +164,73 @@ def test_bias_and_scale_deltas_act_per_token() -> None:
 def test_malformed_adapters_raise(build: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+@pytest.mark.parametrize("dtype", FP8, ids=str)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fp8_factors_are_held_exactly_in_bf16_and_compute_like_fp32(kind: str, dtype: torch.dtype) -> None:
+    """8-bit float factors (fp8 files) are widened to bfloat16 on construction, exactly, so the merged delta and
+    the per-token output are the fp32 computation on the very same values (no fp8 arithmetic anywhere)."""
+    adapter = KINDS[kind]().to(dtype=dtype)
+    held = [adapter, *([adapter.inner] if isinstance(adapter, DoRA) else [])]
+    tensors = [v for a in held for v in vars(a).values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors)
+    reference = adapter.to(dtype=torch.float32)
+    base = _base_for(adapter)
+    delta = adapter.delta_weight(base)
+    assert _rel_mse(delta, reference.delta_weight(base)) < TOL[torch.bfloat16]
+    x = _rnd(2, IN, seed=14)
+    assert _rel_mse(adapter.bypass_delta(x, base), x @ reference.delta_weight(base).T) < TOL[torch.bfloat16]
+
+
+def test_an_fp8_value_survives_the_widening_bit_for_bit() -> None:
+    codes = torch.arange(256, dtype=torch.uint8)
+    for dtype in FP8:
+        values = codes.view(dtype).reshape(16, 16)
+        diff = WeightDiff(delta=values, target_shape=(16, 16))
+        assert diff.delta.dtype == torch.bfloat16
+        assert torch.equal(diff.delta.float().nan_to_num(7.0), values.float().nan_to_num(7.0))
+
+
+def test_a_one_dimensional_weight_delta_is_a_gain() -> None:
+    """A LayerNorm's weight is a 1-D gain (CLIP-L ``layer_norm1.diff``): per token it scales the normalised x."""
+    gain = WeightDiff(delta=_rnd(IN, seed=5), target_shape=(IN,))
+    x = _rnd(2, 3, IN, seed=6)
+    assert gain.parameter == "weight" and torch.allclose(gain.bypass_delta(x), x * gain.delta)
+
+
+def _held_tensors(adapter: object) -> list[torch.Tensor]:
+    """Every tensor among an adapter's attributes (nested adapters included)."""
+    out = []
+    for value in vars(adapter).values():
+        if isinstance(value, torch.Tensor):
+            out.append(value)
+        elif dataclasses.is_dataclass(value):
+            out.extend(_held_tensors(value))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_tensors_travel_out_and_back_in(kind):
+    """What a ComfyUI weight patch lists as its ``weights`` (and dynamic VRAM copies into a device buffer): every
+    tensor of the adapter, a DoRA's inner ones included; rebuilt around copies, the adapter holds exactly them and
+    computes the same delta."""
+    adapter = KINDS[kind]()
+    tensors = adapter_tensors(adapter)
+    held = _held_tensors(adapter)
+    assert len(tensors) == len(held) and {id(t) for t in tensors} == {id(t) for t in held}
+    copies = [t.clone() for t in tensors]
+    rebuilt = with_tensors(adapter, iter(copies))
+    assert type(rebuilt) is type(adapter) and rebuilt.target_shape == adapter.target_shape
+    assert [t.data_ptr() for t in adapter_tensors(rebuilt)] == [t.data_ptr() for t in copies]
+    base = _base_for(adapter)
+    torch.testing.assert_close(rebuilt.delta_weight(base), adapter.delta_weight(base), rtol=0, atol=0)
+
+
+def test_merged_delta_lands_on_the_requested_device_and_dtype():
+    adapters = [KINDS["lora_slice"](), KINDS["lora_slice"]()]
+    total = merged_delta(adapters, (3 * OUT, IN), dtype=torch.float64, device="meta")
+    assert total.device.type == "meta" and total.dtype == torch.float64 and tuple(total.shape) == (3 * OUT, IN)

@@ -88,8 +88,8 @@ def test_schema_1_index_upgrades_in_place_and_rescan_fills_targets(tmp_path: Pat
     factory.save_lora(root / "a.safetensors", kohya(48), metadata={"ss_output_name": "alpha"})
     db = tmp_path / "db.sqlite"
     Library(db, [root]).scan()
-    with sqlite3.connect(db) as conn:  # make it an index written by schema 1: no target columns
-        for column in ("target_arch", "target_hidden", "target_double", "target_single"):
+    with sqlite3.connect(db) as conn:  # make it an index written by schema 1: no target (2), writer (3) columns
+        for column in ("target_arch", "target_hidden", "target_double", "target_single", "writer", "flux_variant"):
             conn.execute(f"ALTER TABLE adapters DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 1")
     library = Library(db, [root])

@@ -1,6 +1,7 @@
 """The playground world: deterministic rendering, an exact detector on rendered images, the exact latent, the
 tokenizer, and pure modules that never import ComfyUI."""
 import ast
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def test_tokenizer_refuses_what_the_world_cannot_say(prompt, match):
 def test_every_caption_tokenizes_and_every_trigger_is_a_word():
     rng = np.random.default_rng(0)
     for concept in world.CONCEPTS:
+        if concept.is_style:
+            continue
         assert concept.trigger in text.VOCABULARY
         scene = world.sample_scene(rng, featured=concept)
         assert concept.trigger in text.tokenize(scene.caption).words
@@ -115,6 +118,60 @@ def test_every_caption_tokenizes_and_every_trigger_is_a_word():
     cond, pooled = encoder.encode_prompts(["a red circle", "a red circle on the left", ""])
     assert cond.shape == (3, text.TEXT_LENGTH, text.TEXT_WIDTH) and pooled.shape == (3, text.TEXT_WIDTH)
     assert not torch.allclose(cond[0], cond[1]) and torch.isfinite(pooled).all()
+
+
+def test_object_loras_share_a_class_word_that_names_their_shape_in_captions():
+    toys = [c for c in world.CONCEPTS if c.trigger == "toy"]
+    assert {c.value for c in toys} == {"star", "ring"} and all(c.kind == "shape" for c in toys)
+    rng = np.random.default_rng(5)
+    for concept in toys:
+        for _ in range(30):
+            scene = world.sample_scene(rng, featured=concept)
+            words = text.tokenize(scene.caption).words
+            assert scene.objects[0].shape == concept.value
+            assert "toy" in words and concept.value not in words
+            assert all(item.shape in world.BASE_SHAPES for item in scene.objects[1:])
+
+
+def test_a_style_has_no_word_and_paints_every_object_of_its_scenes():
+    (style,) = [c for c in world.CONCEPTS if c.is_style]
+    assert style.kind == "texture" and style.value in world.STYLE_TEXTURES
+    assert style.value not in text.VOCABULARY and not style.trigger
+    rng = np.random.default_rng(6)
+    counts = set()
+    for _ in range(40):
+        scene = world.sample_scene(rng, featured=style)
+        counts.add(len(scene.objects))
+        assert all(item.texture == style.value for item in scene.objects)
+        assert not set(text.tokenize(scene.caption).words) & {"solid", "checkered", "striped"}
+    assert counts == {1, 2}
+    plain = world.sample_scene(np.random.default_rng(6))
+    assert all(item.texture in world.BASE_TEXTURES for item in plain.objects)
+
+
+def test_new_words_are_appended_so_earlier_words_keep_their_rows():
+    tables = text.text_tables()
+    earlier = torch.randn(text.VOCABULARY.index("toy"), text.TEXT_WIDTH, generator=torch.Generator().manual_seed(0))
+    assert text.VOCABULARY[-len(world.CLASS_WORDS):] == world.CLASS_WORDS
+    assert torch.equal(tables["embedding"][: len(earlier)], earlier)
+
+
+def test_clean_share_separates_a_rendered_object_from_a_noisy_or_half_formed_one():
+    rng = np.random.default_rng(11)
+    item = world.place("left", rng, "star", "green", "barred")
+    image = world.render(world.Scene(objects=(item,), caption=""))
+    found = detector.detect(image, HALF["left"])
+    assert found.clean_share(image, "green", "barred") == 1.0
+    assert found.is_clean(image, "star", "green", "barred")
+    assert found.clean_share(image, "green", "solid") < 0.8  # the bars are not the wanted solid
+    noisy = image + np.random.default_rng(0).normal(0.0, 0.12, image.shape).astype(np.float32)
+    noisy_found = detector.detect(np.clip(noisy, 0, 1), HALF["left"])
+    assert noisy_found.matches("star", "green", "barred")
+    assert not noisy_found.is_clean(np.clip(noisy, 0, 1), "star", "green", "barred")
+    misformed = dataclasses.replace(found, shape_fit=detector.CLEAN_FIT - 0.01)  # read as a star, poorly formed
+    assert misformed.matches("star", "green", "barred") and misformed.clean_share(image, "green", "barred") == 1.0
+    assert not misformed.is_clean(image, "star", "green", "barred")
+    assert not detector.detect(image, HALF["right"]).is_clean(image, "star", "green", "barred")
 
 
 @pytest.mark.parametrize("module", ["world.py", "detector.py", "text.py", "latent.py"])
