@@ -32,7 +32,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 
 from ..composition.comfy_bridge.flux_model import FluxModelError, checkpoint_state, complete_config, flux_model
-from ..composition.comfy_bridge.training_mode import training_scope
+from ..composition.runtime.training_mode import training_scope
 from ..files.writing import replaced_atomically
 from . import latent, text
 
@@ -71,7 +71,7 @@ class TrainingOps(comfy.ops.disable_weight_init):
 
 class TrainingFlux(comfy.ldm.flux.model.Flux):
     """ComfyUI's ``Flux`` whose forward runs in ComfyUI's training mode (differentiable RoPE from 0.33 on; see
-    ``composition/comfy_bridge/training_mode.py``); used only for training."""
+    ``composition/runtime/training_mode.py``); used only for training."""
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         with training_scope():

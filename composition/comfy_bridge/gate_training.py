@@ -29,11 +29,11 @@ from ..learned_gate import (
     LearnedGates,
     gate_training_step,
 )
-from ..stack import StackEntry
 from ..runtime.core import Runtime
 from ..runtime.gated import GatedOptions
+from ..runtime.training_mode import recomputation_contexts, training_scope
+from ..stack import StackEntry
 from .stack import install_gated
-from .training_mode import recomputation_contexts, training_scope
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from ...kernels.probes import text_to_image_maps
-from ..comfy_bridge.training_mode import training_scope
+from .training_mode import training_scope
 from ..plan import parse_rule_blocks
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ from lora_factory import build_lora
 
 sys.path.insert(0, str(Path(__file__).parent))  # the merged and mechanism tests' helpers
 from lora_loom.composition.adapters import LoRA, adapter_tensors
-from lora_loom.composition.comfy_bridge import merged
 from lora_loom.composition.comfy_bridge.merged import LoomWeightPatch
 from lora_loom.nodes.lora_stack import LoomLoraStack
 from test_merged_vs_comfy import DIMS, patched_weights, write
@@ -56,14 +55,15 @@ def stacked(model, loras, fmt: str, kind: str, strength: float = 0.8):
 
 
 def counting_deltas(monkeypatch) -> list[int]:
-    """Count ΔW computations of Loom weight patches (``merged.merged_delta`` calls)."""
+    """Count ΔW computations of Loom weight patches (``LoomWeightPatch.calculate_weight`` calls: a LoRA adds its
+    product in place there, other kinds their ``merged_delta``)."""
     calls: list[int] = []
-    real = merged.merged_delta
+    real = LoomWeightPatch.calculate_weight
 
-    def counted(*args, **kwargs):
+    def counted(self, *args, **kwargs):
         calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(merged, "merged_delta", counted)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(LoomWeightPatch, "calculate_weight", counted)
     return calls
 
 

@@ -5,7 +5,7 @@ same pass without checkpoints) and a central finite difference of the loss.
 Three things broke that silently on ComfyUI 0.3.75 (and loudly, as a CheckpointError, on 0.33): ComfyUI's
 ``original_block`` closes over ``forward_orig``'s loop variable (a recomputation ran the last block reached),
 Flux's in-place residual adds overwrote the block's inputs and what its LayerNorms saved for backward
-(``composition/comfy_bridge/training_mode.py``). Plain autograd refuses the latter outright, so the reference
+(``composition/runtime/training_mode.py``). Plain autograd refuses the latter outright, so the reference
 pass also proves every saved tensor is left untouched."""
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ import torch.utils.checkpoint
 from comfy_models import flux_inputs, tiny_flux
 
 sys.path.insert(0, str(Path(__file__).parent))  # the mechanism tests' helpers
-from lora_loom.composition.comfy_bridge.clora_probe import gradient_scope, plain_copy
+from lora_loom.composition.comfy_bridge.clora import latent_updates
 from lora_loom.composition.comfy_bridge.gate_training import GateBatch, fresh_gates, train_learned_gates
-from lora_loom.composition.comfy_bridge.training_mode import training_scope
+from lora_loom.composition.runtime.probes import gradient_scope, plain_copy
+from lora_loom.composition.runtime.training_mode import training_scope
 from test_clora import composed as clora_composed
 from test_refine import composed as refine_composed
 from test_regional_mechanism import entry, flux_modules, lora_set
@@ -67,15 +68,16 @@ def refinement(flux):
 
 
 def clora(flux):
-    """Loss and latent gradient of CLoRA's contrastive concept loss at z (``CLoRAComposition.loss_at``)."""
-    clone, composition, _ = clora_composed(flux, 2)
+    """Loss and latent gradient of CLoRA's contrastive concept loss at z (``LatentUpdates.loss_at``)."""
+    clone, _, _ = clora_composed(flux, 2)
+    updates = latent_updates(clone)
     model_options = copy.copy(clone.model_options)
     t = torch.full((1,), 0.9)
 
     def loss_and_gradient(z: torch.Tensor) -> tuple[float, torch.Tensor]:
-        with torch.inference_mode(), gradient_scope():
+        with torch.inference_mode(), gradient_scope(), updates.runtime.kept():  # as update_latent runs it
             latent = plain_copy(z).requires_grad_(True)
-            loss = composition.loss_at(clone.model, latent, t, model_options)
+            loss = updates.loss_at(clone.model, latent, t, model_options)
             (gradient,) = torch.autograd.grad(loss, [latent])
         return float(loss.detach()), gradient.detach()
     return clone, loss_and_gradient

@@ -22,13 +22,12 @@ inputs were, and the recomputation would start from them.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-
-import comfy.model_management
 
 FLAG = "in_training"
 
@@ -47,16 +46,20 @@ class NormInputCopies(TorchFunctionMode):
 
 @contextlib.contextmanager
 def comfy_training_flag() -> Iterator[None]:
-    """Set ``comfy.model_management.in_training`` inside the block (where the release has it), then restore it."""
-    if not hasattr(comfy.model_management, FLAG):
+    """Set ``comfy.model_management.in_training`` inside the block (where the release has it), then restore it.
+
+    The runtime imports no ComfyUI module (it is a pure layer); the flag is ComfyUI's loaded module's, when there
+    is one: a gradient pass through ComfyUI's Flux always runs with ComfyUI loaded."""
+    model_management = sys.modules.get("comfy.model_management")
+    if model_management is None or not hasattr(model_management, FLAG):
         yield
         return
-    previous = getattr(comfy.model_management, FLAG)
-    setattr(comfy.model_management, FLAG, True)
+    previous = getattr(model_management, FLAG)
+    setattr(model_management, FLAG, True)
     try:
         yield
     finally:
-        setattr(comfy.model_management, FLAG, previous)
+        setattr(model_management, FLAG, previous)
 
 
 @contextlib.contextmanager
