@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..files.writing import OutputFileError, check_output, replaced_atomically
-from .arguments import SEED_MAX, add_force, float_in, int_in
+from ..arguments import SEED_MAX, add_force, float_in, int_in
 
 if TYPE_CHECKING:
     from ..bench.quality import QualityReport, QualityRow
@@ -117,7 +117,7 @@ def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
 
 
 def run_quality_command(args: argparse.Namespace) -> int:
-    from .comfy_env import find_comfyui, import_comfy
+    from ..comfy_env import find_comfyui, import_comfy
 
     try:  # before the long run, not after it
         for flag in ("csv", "grid"):

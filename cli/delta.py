@@ -24,7 +24,7 @@ from ..composition.formats import check_shapes
 from ..composition.loading import read_header
 from ..composition.numbers import STRENGTH_LIMIT
 from ..files.writing import OutputFileError, check_output, write_file
-from .arguments import add_force, float_in
+from ..arguments import add_force, float_in
 from .inspect import InspectError, load_for_cli
 
 logger = logging.getLogger(__name__)

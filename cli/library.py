@@ -34,8 +34,8 @@ from ..retrieval.text_encoders import (
 )
 from ..retrieval.weight_encoder import WeightEncoder, load_weight_encoder
 from ..retrieval.weight_vectors import SignatureSpace
-from .arguments import int_in
-from .comfy_env import ComfyNotFound, find_comfyui, import_comfy
+from ..arguments import int_in
+from ..comfy_env import ComfyNotFound, find_comfyui, import_comfy
 from .library_train import add_train_arguments, train
 
 logger = logging.getLogger(__name__)

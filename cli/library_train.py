@@ -25,7 +25,7 @@ from ..retrieval.weight_encoder import (
     train_weight_encoder,
 )
 
-from .arguments import SEED_MAX, add_force, float_in, int_in
+from ..arguments import SEED_MAX, add_force, float_in, int_in
 
 if TYPE_CHECKING:
     from .library import LibrarySetup

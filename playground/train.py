@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..cli.arguments import add_force, int_in
+from ..arguments import add_force, int_in
 from ..files.writing import OutputFileError, check_output, replaced_atomically
 from . import latent, scoring, text, world
 from .detector import detect
@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from ..cli.comfy_env import find_comfyui, import_comfy
+    from ..comfy_env import find_comfyui, import_comfy
 
     import_comfy(find_comfyui(args.comfyui), cpu=True)
     from . import model as playground_model  # needs ComfyUI importable

@@ -120,7 +120,7 @@ def ensure_fixtures() -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="[loom fixtures] %(message)s")
-    from lora_loom.cli.comfy_env import import_comfy
+    from lora_loom.comfy_env import import_comfy
 
     import_comfy(comfyui_path())
     build(Path(sys.argv[1]) if len(sys.argv) > 1 else fixtures_dir())

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_loom.cli.comfy_env import find_comfyui, import_comfy
+from lora_loom.comfy_env import find_comfyui, import_comfy
 
 BASE_DIR = Path(tempfile.mkdtemp(prefix="loom-bridge-"))
 atexit.register(shutil.rmtree, BASE_DIR, True)

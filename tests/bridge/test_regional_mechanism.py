@@ -334,7 +334,7 @@ _FRESH = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 import conftest  # loads the pack and puts tests/ on sys.path
-from lora_loom.cli.comfy_env import find_comfyui, import_comfy
+from lora_loom.comfy_env import find_comfyui, import_comfy
 import tempfile
 import_comfy(find_comfyui({comfy!r}), cpu=True, base_directory=tempfile.mkdtemp())
 from comfy_models import flux_inputs, tiny_flux
