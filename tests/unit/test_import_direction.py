@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-NOT_PACK = {".loom", ".gpu", ".git", "dev", "tests", "test-artifacts", "build"}
+NOT_PACK = {".loom", ".gpu", ".git", "dev", "tests", "test-artifacts", "build", "setup.py"}
 
 # Parts of the pack, most specific first: a module belongs to the first part its dotted name starts with.
 PARTS = ("composition.comfy_bridge", "composition.runtime", "composition", "retrieval.comfy_bridge", "retrieval",
