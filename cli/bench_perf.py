@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..files.writing import OutputFileError, check_output
 from ..arguments import add_force, int_in
+from ..files.writing import OutputFileError, check_output
 
 logger = logging.getLogger(__name__)
 

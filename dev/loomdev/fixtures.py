@@ -68,14 +68,13 @@ def _shapes(module) -> dict[str, tuple[int, ...]]:
 
 def build(out_dir: Path) -> None:
     """Write the three files into ``out_dir`` (ComfyUI must be importable)."""
-    import torch
-    from safetensors.torch import save_file
-
     import comfy.ldm.flux.model
     import comfy.ops
     import comfy.sd1_clip
+    import torch
     from comfy.ldm.models.autoencoder import AutoencodingEngine
     from lora_loom.composition.comfy_bridge.flux_model import checkpoint_state, complete_config
+    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):

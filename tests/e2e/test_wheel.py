@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from lora_factory import FluxDims, build_lora, save_case
-
 from lora_loom.comfy_env import find_comfyui
 from lora_loom.version import __version__
 

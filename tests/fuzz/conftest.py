@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
-
 from lora_loom.comfy_env import find_comfyui, import_comfy
 
 BASE_DIR = Path(tempfile.mkdtemp(prefix="loom-fuzz-"))
