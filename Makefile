@@ -1,6 +1,7 @@
 # Two commands do all set-up (each installs what it needs, idempotently):
 #   make run    ComfyUI + LoRA Loom + the playground, queues its example workflow, prints the address that opens it
 #   make test   all test tiers (unit, bridge, e2e with the real server and headless Chromium)
+#   make lint   ruff (configured in pyproject.toml) over the repository
 # COMFYUI chooses the bundled ComfyUI runtime: `make test COMFYUI=0.33` (0.3.75 by default, or your own ComfyUI
 # with COMFYUI_PATH=/path/to/ComfyUI when COMFYUI is not given).
 export PYTHONPATH := $(CURDIR)/dev
@@ -18,7 +19,7 @@ RUNTIME := COMFYUI_PATH=$(CURDIR)/$(LOOM)/comfyui
 endif
 PY := $(RUNTIME) $(LOOM)/venv/bin/python
 
-.PHONY: run test setup
+.PHONY: run test setup lint
 
 setup:
 	$(BOOTSTRAP)
@@ -30,3 +31,7 @@ run:
 test:
 	$(BOOTSTRAP) --browser
 	$(PY) -m pytest $(ARGS)
+
+lint:
+	$(BOOTSTRAP)
+	$(PY) -m ruff check .

@@ -123,7 +123,8 @@ def base_setup(patcher: Any, scene: Scene) -> MethodSetup:
 
 def merged_setup(patcher: Any, scene: Scene) -> MethodSetup:
     entries = [e for group in scene.painters for e in group]
-    return MethodSetup("merged", apply_merged(patcher, None, entries).model, _cond(scene.global_context, scene.pooled), 1)
+    merged = apply_merged(patcher, None, entries).model
+    return MethodSetup("merged", merged, _cond(scene.global_context, scene.pooled), 1)
 
 
 def regional_setup(patcher: Any, scene: Scene, attention_path: str = "grouped", method: str = "regional",

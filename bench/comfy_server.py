@@ -18,7 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from ..cli.comfy_env import comfyui_version
+from ..comfy_env import comfyui_version
 
 log = logging.getLogger(__name__)
 

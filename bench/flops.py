@@ -179,7 +179,8 @@ def adapter_flops(shape: FluxShape, work: Workload, adapters: int, rank: int, to
     if not 0.0 <= token_fraction <= 1.0:
         raise FlopModelError(f"token_fraction: must lie in [0, 1], got {token_fraction}")
     total = 0.0
-    for depth, layers in ((shape.depth, double_block_linears(shape)), (shape.depth_single, single_block_linears(shape))):
+    for depth, layers in ((shape.depth, double_block_linears(shape)),
+                          (shape.depth_single, single_block_linears(shape))):
         for layer in layers:
             if layer.per_sample and not per_sample_layers:
                 continue

@@ -158,7 +158,8 @@ class FloorQuery:
 def _misspelt(word: str, rng: random.Random) -> str:
     """A one-letter slip: a letter dropped, doubled or two letters swapped (never the first letter)."""
     i = rng.randrange(1, len(word) - 1)
-    return rng.choice((word[:i] + word[i + 1:], word[:i] + word[i] + word[i:], word[:i] + word[i + 1] + word[i] + word[i + 2:]))
+    return rng.choice((word[:i] + word[i + 1:], word[:i] + word[i] + word[i:],
+                       word[:i] + word[i + 1] + word[i] + word[i + 2:]))
 
 
 def floor_queries(names: list[str], words: tuple[str, ...], nonsense: tuple[str, ...], seed: int) -> list[FloorQuery]:

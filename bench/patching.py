@@ -57,7 +57,8 @@ def write_kohya_lora(patcher: Any, path: Path, rank: int, seed: int, factor_dtyp
             continue
         out, inp = value.shape
         name = "lora_unet_" + key.removesuffix(".weight").replace(".", "_")
-        tensors[f"{name}.lora_down.weight"] = (torch.randn(rank, inp, generator=generator) / inp ** 0.5).to(factor_dtype)
+        down = torch.randn(rank, inp, generator=generator) / inp ** 0.5
+        tensors[f"{name}.lora_down.weight"] = down.to(factor_dtype)
         tensors[f"{name}.lora_up.weight"] = (torch.randn(out, rank, generator=generator) * 0.01).to(factor_dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(rank))
     save_file(tensors, str(path))

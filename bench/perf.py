@@ -267,7 +267,8 @@ def preset_model(config: PerfConfig) -> Any:
     return bench_model(config.torch_dtype(torch.device(device)), **MODELS[config.model])
 
 
-def run_perf(config: PerfConfig, patcher: Any = None, progress: Callable[[PerfRow], None] | None = None) -> list[PerfRow]:
+def run_perf(config: PerfConfig, patcher: Any = None,
+             progress: Callable[[PerfRow], None] | None = None) -> list[PerfRow]:
     """Run the sweep; ``patcher`` overrides the model preset (a Flux ModelPatcher)."""
     config.validate()
     patcher = patcher if patcher is not None else preset_model(config)

@@ -17,8 +17,8 @@ from ..files.writing import replaced_atomically
 
 logger = logging.getLogger(__name__)
 
-PALETTE = {"base": (150, 150, 150), "merged": (90, 90, 90), "regional": (31, 119, 180), "regional_noblend": (23, 190, 207),
-           "gates": (44, 160, 44),
+PALETTE = {"base": (150, 150, 150), "merged": (90, 90, 90), "regional": (31, 119, 180),
+           "regional_noblend": (23, 190, 207), "gates": (44, 160, 44),
            "clora": (148, 103, 189), "hooks": (214, 39, 40), "dense_per_head": (255, 127, 14),
            "composite": (140, 86, 75)}
 HEIGHT, MARGIN, BAR, GAP = 420, 60, 12, 18

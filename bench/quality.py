@@ -42,8 +42,7 @@ from ..nodes.lora_stack import LoomLoraStack
 from ..nodes.regions import LoomCompose, LoomRegion
 from ..playground import latent
 from ..playground.model import LORA_DIR, PlaygroundModel, load_playground, lora_path
-from ..playground.scoring import (CASES, SPLITS, Case, ImageScore, Rates, aggregate, case_named, case_seeds,
-                                  score_image)
+from ..playground.scoring import CASES, SPLITS, Case, ImageScore, Rates, aggregate, case_named, case_seeds, score_image
 from ..playground.world import concept
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from ..files.writing import replaced_atomically
 logger = logging.getLogger(__name__)
 
 COLUMNS = (("resolution", "res", "{:d}"), ("adapters", "A", "{:d}"), ("regions", "R", "{:d}"),
-           ("method", "method", "{}"), ("tokens", "tokens", "{}"), ("passes", "passes", "{:d}"), ("step_ms", "step ms", "{:.1f}"),
+           ("method", "method", "{}"), ("tokens", "tokens", "{}"), ("passes", "passes", "{:d}"),
+           ("step_ms", "step ms", "{:.1f}"),
            ("step_ms_min", "min", "{:.1f}"), ("step_ms_max", "max", "{:.1f}"), ("ratio", "x merged", "{:.3f}"),
            ("limit", "limit", "{:.3f}"), ("efficiency", "eff", "{:.2f}"), ("peak_mib", "peak MiB", "{:.1f}"),
            ("note", "note", "{}"))

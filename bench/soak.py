@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..comfy_env import PACK_DIR
 from .comfy_server import ComfyServer
 
 logger = logging.getLogger(__name__)
 
-PACK_DIR = Path(__file__).resolve().parents[1]
 PLAYGROUND_LORAS = ("playground_ring.safetensors", "playground_stripes.safetensors")
 PROMPT = "a red ring on the left and a blue striped square on the right"
 HIDDEN = 3072

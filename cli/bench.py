@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from .arguments import SEED_MAX, int_in
+from ..arguments import SEED_MAX, int_in
 
 logger = logging.getLogger(__name__)
 

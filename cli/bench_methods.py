@@ -7,8 +7,8 @@ import json
 import tempfile
 from dataclasses import asdict
 
-from .arguments import int_in
-from .comfy_env import find_comfyui, import_comfy
+from ..arguments import int_in
+from ..comfy_env import find_comfyui, import_comfy
 
 
 def _ints(text: str) -> tuple[int, ...]:

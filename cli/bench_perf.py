@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..arguments import add_force, int_in
 from ..files.writing import OutputFileError, check_output
-from .arguments import add_force, int_in
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def region_note(prompt_tokens: int, region_length: int) -> str:
 def run_perf_command(args: argparse.Namespace) -> int:
     import torch
 
-    from .comfy_env import find_comfyui, import_comfy
+    from ..comfy_env import find_comfyui, import_comfy
 
     try:  # before the long run, not after it
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..arguments import SEED_MAX, add_force, float_in, int_in
 from ..files.writing import OutputFileError, check_output, replaced_atomically
-from .arguments import SEED_MAX, add_force, float_in, int_in
 
 if TYPE_CHECKING:
     from ..bench.quality import QualityReport, QualityRow
@@ -117,7 +117,7 @@ def write_quality_csv(rows: Sequence[QualityRow], path: Path) -> Path:
 
 
 def run_quality_command(args: argparse.Namespace) -> int:
-    from .comfy_env import find_comfyui, import_comfy
+    from ..comfy_env import find_comfyui, import_comfy
 
     try:  # before the long run, not after it
         for flag in ("csv", "grid"):
@@ -135,8 +135,15 @@ def run_quality_command(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..bench.quality import (BASELINE, METHODS, QualityConfig, QualityError, concept_vanishing, grid_image,
-                                 run_quality)
+    from ..bench.quality import (
+        BASELINE,
+        METHODS,
+        QualityConfig,
+        QualityError,
+        concept_vanishing,
+        grid_image,
+        run_quality,
+    )
 
     config = QualityConfig(cases=args.cases or (), split=args.split, seeds=args.seeds, first_seed=args.first_seed,
                            steps=args.steps, cfg=args.cfg, methods=args.methods or METHODS,

@@ -8,14 +8,14 @@ import logging
 import sys
 from pathlib import Path
 
-from .arguments import float_in, int_in
+from ..arguments import float_in, int_in
 
 logger = logging.getLogger(__name__)
 
 
 def run_soak_command(args: argparse.Namespace) -> int:
     from ..bench.soak import SoakConfig, format_report, run_soak
-    from .comfy_env import ComfyNotFound, find_comfyui
+    from ..comfy_env import ComfyNotFound, find_comfyui
 
     try:
         comfyui = find_comfyui(args.comfyui)

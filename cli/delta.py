@@ -18,13 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..arguments import add_force, float_in
 from ..composition.adapters import NEEDS_BASE, WEIGHT, AdapterSet, merged_delta
 from ..composition.adapters.adapter_set import Adapter
 from ..composition.formats import check_shapes
 from ..composition.loading import read_header
 from ..composition.numbers import STRENGTH_LIMIT
 from ..files.writing import OutputFileError, check_output, write_file
-from .arguments import add_force, float_in
 from .inspect import InspectError, load_for_cli
 
 logger = logging.getLogger(__name__)

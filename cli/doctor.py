@@ -7,8 +7,8 @@ import json
 import logging
 import platform
 
+from ..comfy_env import PACK_DIR, ComfyNotFound, comfyui_version, find_comfyui, import_comfy
 from ..version import __version__
-from .comfy_env import PACK_DIR, ComfyNotFound, comfyui_version, find_comfyui, import_comfy
 
 log = logging.getLogger(__name__)
 

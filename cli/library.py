@@ -16,6 +16,8 @@ import sqlite3
 import sys
 from dataclasses import dataclass
 
+from ..arguments import int_in
+from ..comfy_env import ComfyNotFound, find_comfyui, import_comfy
 from ..retrieval.explain import (
     hit_json,
     hits_text,
@@ -34,8 +36,6 @@ from ..retrieval.text_encoders import (
 )
 from ..retrieval.weight_encoder import WeightEncoder, load_weight_encoder
 from ..retrieval.weight_vectors import SignatureSpace
-from .arguments import int_in
-from .comfy_env import ComfyNotFound, find_comfyui, import_comfy
 from .library_train import add_train_arguments, train
 
 logger = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..arguments import SEED_MAX, add_force, float_in, int_in
 from ..files.writing import check_output
 from ..retrieval.factors import FluxLayout, LowRankFactors, read_factors
 from ..retrieval.text_encoders import adapter_caption
@@ -24,8 +25,6 @@ from ..retrieval.weight_encoder import (
     save_weight_encoder,
     train_weight_encoder,
 )
-
-from .arguments import SEED_MAX, add_force, float_in, int_in
 
 if TYPE_CHECKING:
     from .library import LibrarySetup
@@ -43,7 +42,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float_in(1e-4, 100.0), default=0.07,
                         help="InfoNCE temperature (default 0.07)")
     parser.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="shuffling and initialisation seed")
-    parser.add_argument("--hidden", type=int_in(1, 65_536), default=3072, help="Flux hidden size (default 3072, Flux.1)")
+    parser.add_argument("--hidden", type=int_in(1, 65_536), default=3072,
+                        help="Flux hidden size (default 3072, Flux.1)")
     parser.add_argument("--double-blocks", type=int_in(0, 1000), default=19, help="Flux double blocks (default 19)")
     parser.add_argument("--single-blocks", type=int_in(0, 1000), default=38, help="Flux single blocks (default 38)")
     add_force(parser, "weight-encoder checkpoint")

@@ -219,7 +219,8 @@ def parse_block_vector(text: str, double_blocks: int = FLUX_DOUBLE_BLOCKS, singl
     model_length = 1 + double_blocks + single_blocks
     if len(values) == model_length:
         return BlockWeights(values[0], tuple(values[1:1 + double_blocks]), tuple(values[1 + double_blocks:]))
-    if len(values) == FLUX_VECTOR_LENGTH and double_blocks <= FLUX_DOUBLE_BLOCKS and single_blocks <= FLUX_SINGLE_BLOCKS:
+    if (len(values) == FLUX_VECTOR_LENGTH and double_blocks <= FLUX_DOUBLE_BLOCKS
+            and single_blocks <= FLUX_SINGLE_BLOCKS):
         logger.debug("truncating a 58-value Flux block vector to %d double + %d single blocks",
                      double_blocks, single_blocks)
         full = BlockWeights(values[0], tuple(values[1:20]), tuple(values[20:]))

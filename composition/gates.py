@@ -219,7 +219,8 @@ def flow_sigma_to_percent(sigma: float, shift: float = 1.0) -> float:
 
 
 def step_of_sigma(sigma: float, sample_sigmas: Sequence[float]) -> int:
-    """The step whose sigma is nearest ``sigma`` in the sampler's schedule (``transformer_options["sample_sigmas"]``)."""
+    """The step whose sigma is nearest ``sigma`` in the sampler's schedule
+    (``transformer_options["sample_sigmas"]``)."""
     if len(sample_sigmas) == 0:
         raise GateError("sample_sigmas is empty; cannot tell the step")
     return min(range(len(sample_sigmas)), key=lambda i: abs(float(sample_sigmas[i]) - float(sigma)))

@@ -61,7 +61,8 @@ class LearnedGateError(ValueError):
 
 
 def comfy_module_for_diffsynth(layer: str) -> str:
-    """``blocks.3.attn.a_to_qkv`` -> ``double_blocks.3.img_attn.qkv``; ``single_blocks.0.to_qkv_mlp`` -> ``...linear1``."""
+    """``blocks.3.attn.a_to_qkv`` -> ``double_blocks.3.img_attn.qkv``;
+    ``single_blocks.0.to_qkv_mlp`` -> ``...linear1``."""
     parts = layer.split(".", 2)
     if len(parts) == 3 and parts[1].isdigit():
         if parts[0] == "blocks" and parts[2] in DOUBLE_LAYERS:
@@ -69,7 +70,8 @@ def comfy_module_for_diffsynth(layer: str) -> str:
         if parts[0] == "single_blocks" and parts[2] in SINGLE_LAYERS:
             return f"single_blocks.{parts[1]}.{SINGLE_LAYERS[parts[2]]}"
     raise LearnedGateError(f"DiffSynth layer {layer!r} is not a gated Flux layer "
-                           f"(blocks.N.{{{', '.join(DOUBLE_LAYERS)}}} or single_blocks.N.{{{', '.join(SINGLE_LAYERS)}}})")
+                           f"(blocks.N.{{{', '.join(DOUBLE_LAYERS)}}} "
+                           f"or single_blocks.N.{{{', '.join(SINGLE_LAYERS)}}})")
 
 
 def diffsynth_layer_for_comfy(module: str) -> str:

@@ -22,8 +22,7 @@ import torch
 from safetensors import safe_open
 
 from ..bounded_cache import BoundedCache, tensor_bytes
-from ..files.safetensors_header import (HeaderError, SafetensorsHeader, TensorEntry, UnsafeFileError,
-                                        read_header)
+from ..files.safetensors_header import HeaderError, SafetensorsHeader, TensorEntry, UnsafeFileError, read_header
 from .adapters import AdapterSet
 from .formats import read_adapter_set
 

@@ -82,7 +82,8 @@ def row_from_dict(data: Any, row: int) -> StackRow:
     if not isinstance(blocks, str):
         raise StackError(f"stack row {row}: field 'blocks' must be a string, got {blocks!r}")
     sha = data.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                            or any(c not in "0123456789abcdef" for c in sha.lower())):
         raise StackError(f"stack row {row}: field 'sha256' must be 64 hex digits, got {sha!r}")
     return StackRow(lora=lora.strip(), on=on, strength=_number(data.get("strength", 1.0), row, "strength"),
                     clip_strength=None if clip is None else _number(clip, row, "clip_strength"),

@@ -167,7 +167,7 @@ if [[ -L "$venv" || "$(cat "$venv/.loom-env" 2>/dev/null)" != "$env_dir" ]]; the
   shared_site="$("$env_dir/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   own_site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "import site; site.addsitedir('$shared_site')" > "$own_site/_loom_shared_env.pth"
-  for tool in comfy playwright; do ln -sfn "$env_dir/venv/bin/$tool" "$venv/bin/$tool"; done
+  for tool in comfy playwright ruff; do ln -sfn "$env_dir/venv/bin/$tool" "$venv/bin/$tool"; done
   log "installing the pack (editable) for the loom command"
   if ! "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps --no-build-isolation \
        -e "$repo" > "$clone_dir/editable-install.log" 2>&1; then

@@ -16,10 +16,10 @@ sys.path.insert(0, os.environ.get("PEFTLIB", "/tmp/peftlib"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import conftest  # noqa: F401,E402  loads the pack as lora_loom
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
 from lora_loom.composition.adapters import merged_delta  # noqa: E402
 from lora_loom.composition.formats import read_adapter_set  # noqa: E402
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
+from torch import nn  # noqa: E402
 
 H, M = 16, 64
 torch.manual_seed(0)
@@ -69,22 +69,27 @@ def run(config_kwargs, label):
     sd = get_peft_model_state_dict(model)
     file_sd = {"transformer." + k.removeprefix("base_model.model."): v.detach().clone() for k, v in sd.items()}
     cfg = model.peft_config["default"].to_dict()
+    kept = ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "use_dora")
     meta = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": (list(v) if isinstance(v, set) else v)
-                                                  for k, v in cfg.items() if k in ("r", "lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora", "use_dora")})}
+                                                  for k, v in cfg.items() if k in kept})}
     merged = model.merge_and_unload()
     after = merged.state_dict()
     peft_delta = {k: after[k] - original[k] for k in original}
     adapter_set = read_adapter_set(file_sd, f"{label}.safetensors", meta)
     assert adapter_set.leftovers == (), adapter_set.leftovers
     # fused targets of our reading
-    fused_base = {"double_blocks.0.img_attn.qkv": torch.cat([original[f"transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]),
-                  "single_blocks.0.linear1": torch.cat([original[f"single_transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]
-                                                       + [original["single_transformer_blocks.0.proj_mlp.weight"]]),
+    fused_base = {"double_blocks.0.img_attn.qkv":
+                  torch.cat([original[f"transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]),
+                  "single_blocks.0.linear1":
+                  torch.cat([original[f"single_transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]
+                            + [original["single_transformer_blocks.0.proj_mlp.weight"]]),
                   "double_blocks.0.img_attn.proj": original["transformer_blocks.0.attn.to_out.0.weight"],
                   "single_blocks.0.linear2": original["single_transformer_blocks.0.proj_out.weight"]}
-    fused_peft = {"double_blocks.0.img_attn.qkv": torch.cat([peft_delta[f"transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]),
-                  "single_blocks.0.linear1": torch.cat([peft_delta[f"single_transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]
-                                                       + [peft_delta["single_transformer_blocks.0.proj_mlp.weight"]]),
+    fused_peft = {"double_blocks.0.img_attn.qkv":
+                  torch.cat([peft_delta[f"transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]),
+                  "single_blocks.0.linear1":
+                  torch.cat([peft_delta[f"single_transformer_blocks.0.attn.to_{s}.weight"] for s in "qkv"]
+                            + [peft_delta["single_transformer_blocks.0.proj_mlp.weight"]]),
                   "double_blocks.0.img_attn.proj": peft_delta["transformer_blocks.0.attn.to_out.0.weight"],
                   "single_blocks.0.linear2": peft_delta["single_transformer_blocks.0.proj_out.weight"]}
     worst = 0.0
@@ -94,7 +99,8 @@ def run(config_kwargs, label):
         err = float((ours - want).norm() / want.norm())
         worst = max(worst, err)
     WORST.append(worst)
-    print(f"{label:34s} modules {len(adapter_set.adapters)}  kinds {adapter_set.kinds()}  max rel err {worst:.2e}  notes {adapter_set.notes}")
+    print(f"{label:34s} modules {len(adapter_set.adapters)}  kinds {adapter_set.kinds()}  max rel err {worst:.2e}"
+          f"  notes {adapter_set.notes}")
 
 WORST: list[float] = []
 targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out"]
@@ -105,5 +111,6 @@ run(dict(r=4, lora_alpha=8, target_modules=targets, alpha_pattern={"single_trans
          rank_pattern={"to_out.0": 2, "proj_mlp": 8}), "alpha/rank patterns")
 run(dict(r=4, lora_alpha=16, target_modules=targets, use_dora=True, rank_pattern={"to_v": 2}), "dora + rank pattern")
 import peft  # noqa: E402
+
 print(f"peft {peft.__version__}: worst relative error {max(WORST):.2e}")
 sys.exit(0 if max(WORST) < 1e-5 else 1)

@@ -37,7 +37,8 @@ class AdapterFactors:
 
 @dataclass(frozen=True)
 class AdapterSlice:
-    """Where adapter i sits in a :class:`StackedLoRA`: ranks ``[rank_start, rank_end)``, rows ``[out_start, out_end)``."""
+    """Where adapter i sits in a :class:`StackedLoRA`: ranks ``[rank_start, rank_end)``,
+    rows ``[out_start, out_end)``."""
 
     rank_start: int
     rank_end: int

@@ -65,7 +65,8 @@ class LoomCLora(LoomNode):
                                 tooltip="the whole picture in words, naming every concept, e.g. 'a cat and a dog'"),
                 LoomCLoraConcepts.Input("concepts", tooltip="from Loom CLoRA Concept: one per LoRA"),
                 io.Float.Input("step_size", default=d.step_size, min=0.0, max=1000.0, step=0.5,
-                               tooltip="how hard each early step pushes the picture so every concept gets its own place (0: no push)"),
+                               tooltip="how hard each early step pushes the picture so every concept gets its own "
+                                       "place (0: no push)"),
                 io.Float.Input("update_end_percent", default=d.update_end_percent, min=0.0, max=1.0, step=0.01,
                                tooltip="latent updates while sampling is below this fraction (0 = none)"),
                 io.Int.Input("iterations", default=d.iterations, min=0, max=50,
@@ -73,9 +74,11 @@ class LoomCLora(LoomNode):
                 io.Float.Input("temperature", default=d.temperature, min=0.01, max=10.0, step=0.01,
                                tooltip="how sharply concepts are told apart while pushing (lower: sharper)"),
                 io.Float.Input("alpha", default=d.alpha, min=0.0, max=1.0, step=0.01,
-                               tooltip="how much of the picture each concept's mask takes: pixels where its attention is above this share of its peak"),
+                               tooltip="how much of the picture each concept's mask takes: pixels where its "
+                                       "attention is above this share of its peak"),
                 io.Combo.Input("morphology", options=list(MORPHOLOGY), default=d.morphology,
-                               tooltip="tidy the masks: close fills small holes, open removes specks, none keeps them raw"),
+                               tooltip="tidy the masks: close fills small holes, open removes specks, "
+                                       "none keeps them raw"),
                 io.Int.Input("kernel", default=d.kernel, min=1, max=15, step=2,
                              tooltip="size in map pixels of the tidying above (odd; larger: smoother masks)"),
                 io.Float.Input("fuse_start_percent", default=d.fuse_start_percent, min=0.0, max=1.0, step=0.01,

@@ -28,7 +28,8 @@ class LoomLoraStack(LoomNode):
                         "Also outputs the loaded adapters for Loom's composition nodes.",
             inputs=[
                 io.Model.Input("model", tooltip="the Flux model the LoRAs are applied to"),
-                io.Clip.Input("clip", optional=True, tooltip="the text encoder; LoRAs with text-encoder parts change it too"),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="the text encoder; LoRAs with text-encoder parts change it too"),
                 io.String.Input("rows", multiline=True, default="[]", tooltip=ROWS_HELP),
                 LoraStack.Input("lora_stack", optional=True,
                                 tooltip="LORA_STACK from rgthree / Easy-Use / LoRA Manager; applied first"),

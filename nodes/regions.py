@@ -86,18 +86,22 @@ class LoomCompose(LoomNode):
                                tooltip="global: background sees every region; isolated: background only sees "
                                        "background; shared: background also reads every region prompt"),
                 io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
-                               tooltip="how much each region still looks at the whole picture while the region rules apply (0: only its own region; higher: smoother seams, more mixing)"),
+                               tooltip="how much each region still looks at the whole picture while the region "
+                                       "rules apply (0: only its own region; higher: smoother seams, more mixing)"),
                 io.Boolean.Input("injection", default=True, tooltip="region prompts reach only their region"),
                 io.Boolean.Input("isolation", default=True, tooltip="regions' image tokens do not see each other"),
                 io.String.Input("rule_blocks", default="all",
-                                tooltip="which model blocks keep regions apart: 'all', or e.g. 'd0-18 s0-19' (d = double, s = single blocks, counted from 0)"),
+                                tooltip="which model blocks keep regions apart: 'all', or e.g. 'd0-18 s0-19' "
+                                        "(d = double, s = single blocks, counted from 0)"),
                 io.Float.Input("rules_end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="the rules apply from the start to this fraction of sampling (1.0: every step, "
                                        "LoRA-Composer; ~0.4: early steps only, Regional-Prompting-FLUX)"),
                 io.Boolean.Input("latent_reinit", default=True,
-                                 tooltip="start each region from the starting noise that best suits its concept (LoRA-Composer), so concepts appear where their boxes are"),
+                                 tooltip="start each region from the starting noise that best suits its concept "
+                                         "(LoRA-Composer), so concepts appear where their boxes are"),
                 io.Boolean.Input("refinement", default=False,
-                                 tooltip="nudge the picture during the first steps so each concept stays in its box (LoRA-Composer; slow)"),
+                                 tooltip="nudge the picture during the first steps so each concept stays in its box "
+                                         "(LoRA-Composer; slow)"),
                 io.Boolean.Input("global_text_adapters", default=True, optional=True,
                                  tooltip="read the global prompt's words with every region's LoRAs (trigger words "
                                          "there mean what the LoRAs taught); off: strict isolation, no region's "

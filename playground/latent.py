@@ -2,9 +2,9 @@
 
 ``encode``: image ``[B, H, W, 3]`` in [0, 1] -> ``2x-1`` -> pixel-unshuffle by 4 -> latent ``[B, 48, H/4, W/4]``.
 ``decode`` is its exact inverse (clamped to [0, 1]). Why not a small VAE: the playground exists to measure
-composition, and a fixed invertible map adds no reconstruction error of its own (``decode(encode(x)) == x`` up to float rounding),
-so every miss the detector reports belongs to the diffusion model and its LoRAs; it also costs no training
-time. Channel ``c * 16 + i * 4 + j`` holds colour channel ``c`` of pixel ``(i, j)`` of each 4x4 cell.
+composition, and a fixed invertible map adds no reconstruction error of its own (``decode(encode(x)) == x`` up to
+float rounding), so every miss the detector reports belongs to the diffusion model and its LoRAs; it also costs no
+training time. Channel ``c * 16 + i * 4 + j`` holds colour channel ``c`` of pixel ``(i, j)`` of each 4x4 cell.
 Pure torch.
 """
 from __future__ import annotations

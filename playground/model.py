@@ -17,10 +17,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 import comfy.latent_formats
 import comfy.ldm.flux.model
 import comfy.model_management
@@ -30,6 +26,9 @@ import comfy.ops
 import comfy.sd
 import comfy.supported_models
 import comfy.supported_models_base
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..composition.comfy_bridge.flux_model import FluxModelError, checkpoint_state, complete_config, flux_model
 from ..composition.runtime.training_mode import training_scope

@@ -6,7 +6,8 @@
 a few samples. Everything is seeded (each LoRA by its concept's index in :data:`world.CONCEPTS`, so training a
 subset gives the same files); the defaults fit in about 40 minutes on 2 CPU cores. ``--reuse-base`` trains only
 LoRAs on the model file already in ``--out`` (rewritten with the current vocabulary: new words only append rows
-to the frozen table, so the base trained before them is the base training would give now). Rectified flow: ``x_t = (1 - t) x0 + t noise`` at timestep ``t`` (ComfyUI's Flux convention),
+to the frozen table, so the base trained before them is the base training would give now). Rectified flow:
+``x_t = (1 - t) x0 + t noise`` at timestep ``t`` (ComfyUI's Flux convention),
 with x-prediction: the network outputs the clean latent ``x0`` and the loss compares the velocity it implies,
 ``(x_t - x0_hat) / max(t, 0.05)``, with ``noise - x0`` (Li & He 2025, "Back to Basics: Let Denoising Generative
 Models Denoise": a 2x2 patch of 48 latent channels is 192 numbers per token, as wide as the model, and a network
@@ -18,8 +19,8 @@ fed random values so the model learns to ignore it; classifier-free guidance com
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..cli.arguments import add_force, int_in
+from ..arguments import add_force, int_in
 from ..files.writing import OutputFileError, check_output, replaced_atomically
 from . import latent, scoring, text, world
 from .detector import detect
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from ..cli.comfy_env import find_comfyui, import_comfy
+    from ..comfy_env import find_comfyui, import_comfy
 
     import_comfy(find_comfyui(args.comfyui), cpu=True)
     from . import model as playground_model  # needs ComfyUI importable

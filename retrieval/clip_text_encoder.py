@@ -3,8 +3,9 @@
 Why CLIP-L: Flux conditions on it, every Flux user has its weights (``clip_l.safetensors`` beside T5), it runs
 on CPU in milliseconds per caption, and its pooled output is the text space Flux's own ``vector_in`` reads.
 :class:`ComfyClipTextEncoder` wraps a ComfyUI ``CLIP`` object (``DualCLIPLoader``/``CLIPLoader`` output, or a
-CLIP-L file loaded by ``comfy_bridge.load_clip_l_file``) and exposes :class:`~.text_encoders.TextEncoder`: the CLIP-L tower's
-*unprojected* pooled output (the EOS token's final hidden state, what Flux's ``vector_in`` takes), L2-normalised.
+CLIP-L file loaded by ``comfy_bridge.load_clip_l_file``) and exposes :class:`~.text_encoders.TextEncoder`: the
+CLIP-L tower's *unprojected* pooled output (the EOS token's final hidden state, what Flux's ``vector_in`` takes),
+L2-normalised.
 T5 is never run: it is 20× larger and gives no pooled vector. This module only calls methods of the
 object it is given (``tokenizer.clip_l``, ``cond_stage_model.clip_l``, ``load_model``); it imports no ComfyUI.
 

@@ -16,7 +16,7 @@ from functools import cached_property
 import torch
 from safetensors import safe_open
 
-from ..composition.adapters import NEEDS_BASE, LoRA, merged_delta
+from ..composition.adapters import NEEDS_BASE, LoRA
 from ..composition.formats import read_adapter_set
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..files.folders import suffix_refusal
-from ..files.safetensors_header import (MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, HeaderError,
-                                        SafetensorsHeader, TensorEntry, UnsafeFileError, read_header)
+from ..files.safetensors_header import (
+    MAX_HEADER_BYTES,
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    HeaderError,
+    SafetensorsHeader,
+    TensorEntry,
+    UnsafeFileError,
+    read_header,
+)
 
 ADAPTER_SUFFIXES = frozenset(SAFETENSORS_SUFFIXES) | frozenset(PICKLE_SUFFIXES)
 

@@ -22,8 +22,20 @@ import numpy as np
 from ..bounded_cache import BoundedCache
 from ..files.folders import OutsideFoldersError, confine
 from .scan import ProgressCallback, ScanError, ScanReport, scan_roots, sha256_of
-from .search import (SEMANTIC_FLOOR, Hit, SearchFilters, allowed_ids, browse, cosine_ranking, fuse, group_copies,
-                     hits_from_rows, query_terms, row_targets, text_ranking)
+from .search import (
+    SEMANTIC_FLOOR,
+    Hit,
+    SearchFilters,
+    allowed_ids,
+    browse,
+    cosine_ranking,
+    fuse,
+    group_copies,
+    hits_from_rows,
+    query_terms,
+    row_targets,
+    text_ranking,
+)
 from .store import ConnectionPool, VectorMatrix, generation, load_vectors, store_vectors, write_transaction
 from .targets import Targets
 from .text_encoders import TextEncoder, adapter_caption

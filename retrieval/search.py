@@ -137,7 +137,8 @@ def filter_sql(filters: SearchFilters, roots: Sequence[str]) -> tuple[str, list[
         params += [*include, len(include)]
     exclude = sorted({t.strip().lower() for t in filters.tags_exclude if t.strip()})
     if exclude:
-        clauses.append(f"a.id NOT IN (SELECT adapter_id FROM adapter_tags WHERE tag IN ({','.join('?' * len(exclude))}))")
+        marks = ",".join("?" * len(exclude))
+        clauses.append(f"a.id NOT IN (SELECT adapter_id FROM adapter_tags WHERE tag IN ({marks}))")
         params += exclude
     return " AND ".join(clauses), params
 
@@ -181,7 +182,8 @@ def cosine_ranking(ids: np.ndarray, matrix: np.ndarray, query: np.ndarray, allow
     return [(int(ids[i]), float(scores[i])) for i in top]
 
 
-def fuse(rankings: dict[str, list[tuple[int, float]]], k: int = RRF_K) -> list[tuple[int, float, tuple[ScoreComponent, ...]]]:
+def fuse(rankings: dict[str, list[tuple[int, float]]],
+         k: int = RRF_K) -> list[tuple[int, float, tuple[ScoreComponent, ...]]]:
     """Reciprocal-rank fusion: ``(id, Σ 1/(k + rank), components)`` best first (ties by id)."""
     totals: dict[int, float] = {}
     parts: dict[int, list[ScoreComponent]] = {}

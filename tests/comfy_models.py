@@ -11,11 +11,10 @@ import shutil
 import zlib
 from pathlib import Path
 
-import torch
-
 import comfy.model_management
-import folder_paths
 import comfy.model_patcher
+import folder_paths
+import torch
 from lora_loom.composition.comfy_bridge.flux_model import flux_model
 
 TINY_FLUX = dict(

@@ -60,3 +60,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").parts
         if parts and parts[0] in _TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+
+
+@pytest.fixture()
+def fresh_lora_cache():
+    """The loaded-LoRA cache emptied before and after a test (``pytestmark = usefixtures("fresh_lora_cache")``)."""
+    from lora_loom.composition.loading import clear_cache
+
+    clear_cache()
+    yield
+    clear_cache()

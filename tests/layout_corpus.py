@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from lora_factory import FluxDims, base_weight, flux_param_shapes
+from safetensors.torch import save_file
 
 CORPUS_DIR = Path(__file__).resolve().parent / "data" / "layouts"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,

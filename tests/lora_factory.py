@@ -141,15 +141,19 @@ def _diffusers_modules(dims: FluxDims, sep: str) -> list[SourceModule]:
     h, m = dims.hidden, dims.mlp_hidden
     d, s = "transformer_blocks.0.", "single_transformer_blocks.1."
     rows = [
-        (d + "attn.to_q", "double_blocks.0.img_attn.qkv", h, h, 0), (d + "attn.to_k", "double_blocks.0.img_attn.qkv", h, h, h),
+        (d + "attn.to_q", "double_blocks.0.img_attn.qkv", h, h, 0),
+        (d + "attn.to_k", "double_blocks.0.img_attn.qkv", h, h, h),
         (d + "attn.to_v", "double_blocks.0.img_attn.qkv", h, h, 2 * h),
         (d + "attn.add_k_proj", "double_blocks.0.txt_attn.qkv", h, h, h),
         (d + "attn.to_out.0", "double_blocks.0.img_attn.proj", h, h, 0),
         (d + "attn.to_add_out", "double_blocks.0.txt_attn.proj", h, h, 0),
-        (d + "ff.net.0.proj", "double_blocks.0.img_mlp.0", m, h, 0), (d + "ff_context.net.2", "double_blocks.0.txt_mlp.2", h, m, 0),
+        (d + "ff.net.0.proj", "double_blocks.0.img_mlp.0", m, h, 0),
+        (d + "ff_context.net.2", "double_blocks.0.txt_mlp.2", h, m, 0),
         (d + "norm1_context.linear", "double_blocks.0.txt_mod.lin", 6 * h, h, 0),
-        (s + "attn.to_q", "single_blocks.1.linear1", h, h, 0), (s + "attn.to_v", "single_blocks.1.linear1", h, h, 2 * h),
-        (s + "proj_mlp", "single_blocks.1.linear1", m, h, 3 * h), (s + "proj_out", "single_blocks.1.linear2", h, h + m, 0),
+        (s + "attn.to_q", "single_blocks.1.linear1", h, h, 0),
+        (s + "attn.to_v", "single_blocks.1.linear1", h, h, 2 * h),
+        (s + "proj_mlp", "single_blocks.1.linear1", m, h, 3 * h),
+        (s + "proj_out", "single_blocks.1.linear2", h, h + m, 0),
         (s + "norm.linear", "single_blocks.1.modulation.lin", 3 * h, h, 0),
         ("x_embedder", "img_in", h, dims.in_channels, 0), ("proj_out", "final_layer.linear", dims.in_channels, h, 0),
         ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer", h, dims.time_dim, 0),
@@ -349,7 +353,8 @@ def _add_bfl_control(dims: FluxDims, state: dict[str, torch.Tensor], expected: d
                      widened: dict[str, tuple[int, ...]]) -> None:
     """BFL control-LoRA extras: widened ``img_in``, ``lora_B.bias`` bias deltas, replaced norm gains."""
     h, wide = dims.hidden, 2 * dims.in_channels
-    up, down, bias = torch.randn(h, rank, generator=g), torch.randn(rank, wide, generator=g), torch.randn(h, generator=g)
+    up, down = torch.randn(h, rank, generator=g), torch.randn(rank, wide, generator=g)
+    bias = torch.randn(h, generator=g)
     state.update({"img_in.lora_A.weight": down, "img_in.lora_B.weight": up, "img_in.lora_B.bias": bias})
     expected["img_in"] = up @ down
     expected["img_in.bias"] = bias

@@ -2,8 +2,17 @@
 
 See ``common`` for the shared protocol (offsets, ``base_weight``, parameters).
 """
-from .adapter_set import (NEEDS_BASE, TEXT_ENCODERS, Adapter, AdapterSet, adapter_tensors, bypass_output,
-                          merged_delta, strength_applied, with_tensors)
+from .adapter_set import (
+    NEEDS_BASE,
+    TEXT_ENCODERS,
+    Adapter,
+    AdapterSet,
+    adapter_tensors,
+    bypass_output,
+    merged_delta,
+    strength_applied,
+    with_tensors,
+)
 from .common import BIAS, PARAMETERS, SCALE, WEIGHT, LowRankFit, Offset, apply_parameter_delta, fit_low_rank
 from .decomposed import DoRA
 from .full import SetWeight, WeightDiff

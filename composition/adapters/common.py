@@ -6,8 +6,9 @@ Protocol shared by all kinds (LoRA, LoHa, LoKr, DoRA, WeightDiff, SetWeight):
 * ``delta_shape``: shape of the rows the adapter writes (``target_shape`` with dim 0 = ``offset.length``).
 * ``delta_weight(base_weight=None) -> Tensor[delta_shape]``: the merged delta, alpha/rank scale folded in,
   strength NOT applied (the caller multiplies); float32 for 16-bit (and widened 8-bit) factors, like
-  ComfyUI's intermediate dtype, so no rounding to the factors' dtype happens before it is added. ``base_weight`` is always the WHOLE target parameter
-  ``[*target_shape]``; an adapter with an ``offset`` slices it itself.
+  ComfyUI's intermediate dtype, so no rounding to the factors' dtype happens before it is added.
+  ``base_weight`` is always the WHOLE target parameter ``[*target_shape]``; an adapter with an ``offset``
+  slices it itself.
 * ``bypass_delta(x, base_weight=None) -> [..., delta_rows]``: per-token output of the delta,
   equal to ``x @ delta_weight().T`` for weight targets (``x`` is ``[..., in]``).
 * ``offset``: ``None`` or an :class:`Offset` saying which output rows of the target it writes.

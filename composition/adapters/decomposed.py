@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import WEIGHT, Offset, base_rows, fit_low_rank, store_tensors, swap_row_halves
+from .common import WEIGHT, base_rows, fit_low_rank, store_tensors, swap_row_halves
 from .hadamard import LoHa
 from .kronecker import LoKr
 from .lowrank import LoRA

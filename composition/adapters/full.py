@@ -11,8 +11,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .common import (PARAMETERS, WEIGHT, Offset, apply_parameter_delta, base_rows, delta_shape_of, fit_low_rank,
-                     store_tensors, swap_row_halves)
+from .common import (
+    PARAMETERS,
+    WEIGHT,
+    Offset,
+    apply_parameter_delta,
+    base_rows,
+    delta_shape_of,
+    fit_low_rank,
+    store_tensors,
+    swap_row_halves,
+)
 from .lowrank import LoRA
 
 logger = logging.getLogger(__name__)

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 import comfy.model_detection
 import comfy.supported_models
+import torch
 
 TIMESTEP_FEATURES = 256  # Flux's sinusoidal timestep / guidance embedding width (time_in, guidance_in)
 

@@ -145,7 +145,10 @@ def gate_plot(gates: Sequence[AdapterGate], steps: int, width: int = 320, height
     low = min([0.0, *(v for row in values for v in row)])
     left, right, upper, lower = 28, width - 8, 16, height - 30
     draw.rectangle((left, upper, right, lower), outline=(90, 90, 90))
-    y_of = lambda v: lower - (v - low) / (top - low or 1.0) * (lower - upper)
+
+    def y_of(v: float) -> float:
+        return lower - (v - low) / (top - low or 1.0) * (lower - upper)
+
     draw.line((left, y_of(0.0), right, y_of(0.0)), fill=(70, 70, 70))
     draw.text((2, upper - 6), f"{top:g}", fill=(170, 170, 170), font=font)
     draw.text((2, y_of(0.0) - 6), "0", fill=(170, 170, 170), font=font)

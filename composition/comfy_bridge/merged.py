@@ -29,8 +29,17 @@ import comfy.model_management
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..adapters import (NEEDS_BASE, WEIGHT, Adapter, AdapterSet, LoRA, adapter_tensors, bypass_output,
-                        merged_delta, with_tensors)
+from ..adapters import (
+    NEEDS_BASE,
+    WEIGHT,
+    Adapter,
+    AdapterSet,
+    LoRA,
+    adapter_tensors,
+    bypass_output,
+    merged_delta,
+    with_tensors,
+)
 from ..block_weights import BlockWeights, BlockWeightsError, block_of_module, parse_block_weights
 from ..stack import StackEntry, StackError
 from .flux_model import model_key

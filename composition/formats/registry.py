@@ -1,9 +1,9 @@
 """Ordered registry of converters (first match wins per key) and the state-dict -> AdapterSet entry point.
 
 Order matters where spellings overlap: XLabs and DiffSynth (``single_blocks.N.`` with their own module names)
-before the bare ComfyUI names of BFL control LoRAs; OneTrainer before kohya (both use ``lora_teN_``). Every converter that detects
-its keys among those still unconsumed runs, so a file mixing, say, kohya UNet keys and ComfyUI text-encoder
-keys is read whole; its ``format`` is then ``"kohya+comfyui"``.
+before the bare ComfyUI names of BFL control LoRAs; OneTrainer before kohya (both use ``lora_teN_``). Every
+converter that detects its keys among those still unconsumed runs, so a file mixing, say, kohya UNet keys and
+ComfyUI text-encoder keys is read whole; its ``format`` is then ``"kohya+comfyui"``.
 """
 from __future__ import annotations
 

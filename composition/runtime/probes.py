@@ -32,8 +32,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from ...kernels.probes import text_to_image_maps
-from .training_mode import training_scope
 from ..plan import parse_rule_blocks
+from .training_mode import training_scope
 
 logger = logging.getLogger(__name__)
 

@@ -68,14 +68,13 @@ def _shapes(module) -> dict[str, tuple[int, ...]]:
 
 def build(out_dir: Path) -> None:
     """Write the three files into ``out_dir`` (ComfyUI must be importable)."""
-    import torch
-    from safetensors.torch import save_file
-
     import comfy.ldm.flux.model
     import comfy.ops
     import comfy.sd1_clip
+    import torch
     from comfy.ldm.models.autoencoder import AutoencodingEngine
     from lora_loom.composition.comfy_bridge.flux_model import checkpoint_state, complete_config
+    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
@@ -120,7 +119,7 @@ def ensure_fixtures() -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="[loom fixtures] %(message)s")
-    from lora_loom.cli.comfy_env import import_comfy
+    from lora_loom.comfy_env import import_comfy
 
     import_comfy(comfyui_path())
     build(Path(sys.argv[1]) if len(sys.argv) > 1 else fixtures_dir())

@@ -24,9 +24,8 @@ PREVIEW_SCALE = 2
 def preview_png(concept_name: str) -> bytes:
     """A PNG of the concept drawn by the playground renderer: a red object carrying the concept, centred."""
     import numpy as np
-    from PIL import Image
-
     from lora_loom.playground import world
+    from PIL import Image
 
     item = world.concept(concept_name)
     shape = item.value if item.kind == "shape" else "square"

@@ -2,7 +2,8 @@
 
 The server runs ComfyUI's own ``main.py`` (from the cached runtime or ``$COMFYUI_PATH``) with
 ``--base-directory .loom/workspace``: that folder holds ``custom_nodes/lora-loom`` (a link to this clone), the demo
-and playground LoRAs, and ``extra_model_paths.yaml`` registering the demo models' cache folder. Whatever is started here is stopped here (context manager, process group, SIGKILL fallback).
+and playground LoRAs, and ``extra_model_paths.yaml`` registering the demo models' cache folder. Whatever is started
+here is stopped here (context manager, process group, SIGKILL fallback).
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ class ComfyServer(_ComfyServer):
     def __init__(self, workspace: Path = WORKSPACE, port: int | None = None, log_path: Path | None = None,
                  extra_args: list[str] | None = None) -> None:
         paths = ["--extra-model-paths-config", str(extra_paths(workspace))] if extra_paths(workspace).is_file() else []
-        super().__init__(comfyui_path(), workspace, port=port, log_path=log_path, extra_args=[*paths, *(extra_args or [])])
+        super().__init__(comfyui_path(), workspace, port=port, log_path=log_path,
+                         extra_args=[*paths, *(extra_args or [])])
 
 
 __all__ = ["ComfyServer", "free_port", "prepare_workspace"]

@@ -9,7 +9,6 @@ from, so a test can tell a thumbnail made from another version of its workflow (
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 

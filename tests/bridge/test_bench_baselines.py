@@ -10,6 +10,7 @@ import pytest
 import torch
 from comfy_models import tiny_flux
 from lora_loom.bench import baselines
+from lora_loom.bench.compose import random_adapters
 from lora_loom.bench.flops import Workload, adapter_flops, base_flops
 from lora_loom.bench.memory import measure_peak
 from lora_loom.bench.perf import (
@@ -20,7 +21,6 @@ from lora_loom.bench.perf import (
     sample_steps,
 )
 from lora_loom.bench.report import format_table
-from lora_loom.bench.compose import random_adapters
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 
 LATENT_HW = (16, 16)

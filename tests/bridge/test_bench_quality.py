@@ -9,12 +9,11 @@ import folder_paths
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from lora_loom.bench import quality
 from lora_loom.cli import main
 from lora_loom.cli.bench_quality import format_concept_table, format_group_table, format_quality_table
 from lora_loom.playground.model import LORA_DIR, load_playground
+from PIL import Image
 
 CASE = "striped-star-ring/blue-red"
 

@@ -64,11 +64,6 @@ def cond(prompt: EncodedPrompt) -> list:
     return [[prompt.context, {"pooled_output": prompt.pooled}]]
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
-
-
 def test_one_lora_without_updates_equals_plain_lora_sampling(flux):
     """alpha 0 (the mask covers every pixel), no latent updates: the LoRA pass alone == the merged LoRA sampled
     with the LoRA's prompt; the base pass is computed but weighs nothing."""
@@ -173,7 +168,8 @@ def test_concept_tokens_decode_to_the_concept(tokenizer, key, text, concept, occ
     ids = [item[0] for chunk in tokenizer.tokenize_with_weights(text)[key] for item in chunk]
     decoded = sd_tok.tokenizer.decode([ids[p] for p in positions]).lower()
     assert decoded.count(concept.split()[-1].lower()) == occurrences, decoded
-    alone = len(sd_tok.tokenizer(concept)["input_ids"]) - sd_tok.tokens_start - (1 if sd_tok.tokenizer_adds_end_token else 0)
+    end = 1 if sd_tok.tokenizer_adds_end_token else 0
+    alone = len(sd_tok.tokenizer(concept)["input_ids"]) - sd_tok.tokens_start - end
     assert len(positions) >= alone * occurrences
 
 
@@ -195,10 +191,9 @@ def test_bad_options_fail_before_installing(flux):
 
 
 def test_clora_downstream_of_loom_compose_is_refused_with_a_clear_message(flux):
-    from test_regional_mechanism import box_region, compose_clone, prompts
-
     from lora_loom.composition.plan import ComposeOptions
     from lora_loom.composition.runtime.layers import LayerError
+    from test_regional_mechanism import box_region, compose_clone, prompts
 
     sets = [lora_set(flux, flux_modules(flux), seed=1, name="l0")]
     composed_model, _ = compose_clone(flux, [box_region((0, 0, 1, 1), [entry(sets[0])])],

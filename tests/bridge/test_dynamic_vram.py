@@ -19,7 +19,7 @@ import comfy.model_patcher
 import comfy.utils
 import pytest
 import torch
-from comfy_models import empty_loras_folder, flux_inputs, tiny_flux
+from comfy_models import flux_inputs
 from lora_factory import build_lora
 
 sys.path.insert(0, str(Path(__file__).parent))  # the merged and mechanism tests' helpers
@@ -34,19 +34,8 @@ if DYNAMIC := hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
 
 needs_dynamic = pytest.mark.skipif(not DYNAMIC, reason="this ComfyUI has no dynamic VRAM (ModelPatcherDynamic: 0.33+)")
 
-CASES = [("kohya", "lora"), ("diffusers", "lora"), ("lycoris", "loha"), ("lycoris", "lokr"), ("kohya", "dora_input_axis"),
-         ("kohya", "diff"), ("comfyui", "set_weight"), ("bfl", "lora")]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_flux(seed=0)
-
-
-@pytest.fixture(scope="module")
-def loras():
-    yield empty_loras_folder()
-    empty_loras_folder()
+CASES = [("kohya", "lora"), ("diffusers", "lora"), ("lycoris", "loha"), ("lycoris", "lokr"),
+         ("kohya", "dora_input_axis"), ("kohya", "diff"), ("comfyui", "set_weight"), ("bfl", "lora")]
 
 
 def stacked(model, loras, fmt: str, kind: str, strength: float = 0.8):
@@ -69,8 +58,9 @@ def counting_deltas(monkeypatch) -> list[int]:
 
 @needs_dynamic
 @pytest.mark.parametrize("fmt, kind", CASES, ids=[f"{f}-{k}" for f, k in CASES])
-def test_per_forward_patches_travel_to_the_buffer_and_equal_the_merged_weights(model, loras, fmt, kind, monkeypatch):
-    clone = stacked(model, loras, fmt, kind)
+def test_per_forward_patches_travel_to_the_buffer_and_equal_the_merged_weights(flux, loras_folder, fmt, kind,
+                                                                                monkeypatch):
+    clone = stacked(flux, loras_folder, fmt, kind)
     classic = patched_weights(clone)  # ComfyUI's patch-once path
     deltas = counting_deltas(monkeypatch)
     checked = 0
@@ -105,12 +95,12 @@ def test_per_forward_patches_travel_to_the_buffer_and_equal_the_merged_weights(m
 
 
 @pytest.mark.parametrize("fmt, kind", [("kohya", "lora"), ("diffusers", "lora"), ("kohya", "dora_input_axis")])
-def test_low_vram_forward_patches_each_weight_per_call_and_matches_the_full_load(model, loras, fmt, kind,
+def test_low_vram_forward_patches_each_weight_per_call_and_matches_the_full_load(flux, loras_folder, fmt, kind,
                                                                                monkeypatch):
     """ComfyUI's partial load (a memory budget below the model): Loom patches run as ``LowVramPatch`` weight
     functions in every forward, ΔW once per patched weight per call, and the output equals the fully patched
     model's."""
-    clone = stacked(model, loras, fmt, kind)
+    clone = stacked(flux, loras_folder, fmt, kind)
     inputs = flux_inputs(clone, latent_hw=(8, 8))
     args = (inputs["x"], 0.7, inputs["context"], inputs["y"])
     full = apply_model(clone, *args)

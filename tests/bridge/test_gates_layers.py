@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from comfy_models import flux_inputs, tiny_flux
+from comfy_models import flux_inputs
 from lora_loom.composition.adapter_gate import AdapterGate
 from lora_loom.composition.block_weights import parse_block_weights
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.comfy_bridge.stack import install_gated
-from lora_loom.composition.plan import ComposeOptions
-from lora_loom.composition.runtime import layers
-from lora_loom.composition.runtime.gated import GatedOptions, GatedState
-from lora_loom.composition.runtime.layers import LoomLinear
 from lora_loom.composition.gates import GateSchedule, Keyframe
 from lora_loom.composition.learned_gate import (
     load_learned_gates,
     write_synthetic_checkpoint,
 )
+from lora_loom.composition.plan import ComposeOptions
+from lora_loom.composition.runtime import layers
+from lora_loom.composition.runtime.gated import GatedOptions, GatedState
+from lora_loom.composition.runtime.layers import LoomLinear
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
 from test_regional_mechanism import (
@@ -38,11 +38,6 @@ from test_regional_mechanism import (
 )
 
 SIGMA = 0.6
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import comfy.sample
 import comfy.samplers
 import pytest
 import torch
-from comfy_models import flux_inputs, tiny_flux
+from comfy_models import flux_inputs
 from lora_loom.composition.adapter_gate import AdapterGate, parse_keyframes
 from lora_loom.composition.comfy_bridge.gate_training import (
     GateBatch,
@@ -22,18 +22,13 @@ from lora_loom.composition.comfy_bridge.gate_training import (
 )
 from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.comfy_bridge.stack import install_gated
-from lora_loom.composition.runtime.gated import GatedOptions
 from lora_loom.composition.gates import GateSchedule, flux_sigma_to_percent
+from lora_loom.composition.runtime.gated import GatedOptions
 
 sys.path.insert(0, str(Path(__file__).parent))  # the regional mechanism tests' helpers
 from test_regional_mechanism import apply_model, entry, flux_modules, lora_set
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
 
 
 @pytest.fixture(scope="module")

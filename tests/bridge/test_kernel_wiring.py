@@ -35,7 +35,7 @@ import json, os, sys
 tests, comfy, base_directory = sys.argv[1:4]
 sys.path.insert(0, tests)
 import conftest  # loads the pack as lora_loom and puts tests/ on sys.path
-from lora_loom.cli.comfy_env import find_comfyui, import_comfy
+from lora_loom.comfy_env import find_comfyui, import_comfy
 import_comfy(find_comfyui(comfy), cpu=True, base_directory=base_directory)
 sys.path.insert(0, tests + "/bridge")
 import torch

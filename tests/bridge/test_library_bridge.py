@@ -11,7 +11,6 @@ from pathlib import Path
 import folder_paths
 import library_factory as factory
 import pytest
-from comfy_models import empty_loras_folder
 import torch
 from lora_loom.composition.loading import file_sha256
 from lora_loom.retrieval import comfy_bridge as bridge
@@ -35,13 +34,6 @@ def clip_l_file() -> Path:
 @pytest.fixture(scope="module")
 def clip_encoder(clip_l_file: Path) -> ComfyClipTextEncoder:
     return bridge.load_clip_l_file(clip_l_file)
-
-
-@pytest.fixture()
-def loras() -> Path:
-    """ComfyUI's (bridge-tier) loras folder, empty before and after the test."""
-    yield empty_loras_folder()
-    empty_loras_folder()
 
 
 @pytest.fixture()
@@ -92,21 +84,21 @@ def test_trained_weight_encoder_is_used_only_for_its_text_space(user_folder: Pat
     assert library.db_path.startswith(folder_paths.get_user_directory())
 
 
-def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tmp_path: Path,
+def test_resolve_by_hash_after_rename_and_never_a_different_file(loras_folder: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bridge, "_RESCANS", RescanScheduler(bridge._rescan_plain_library, min_interval=600))
-    original = factory.save_lora(loras / "portrait.safetensors")
+    original = factory.save_lora(loras_folder / "portrait.safetensors")
     sha = file_sha256(original)
     bridge.scan_library(bridge.server_library(plain=True))
     assert bridge.resolve_lora("portrait.safetensors", sha) == str(original)
 
-    renamed = loras / "moved" / "portrait_v2.safetensors"
+    renamed = loras_folder / "moved" / "portrait_v2.safetensors"
     renamed.parent.mkdir()
     original.rename(renamed)
     assert bridge.resolve_lora("portrait.safetensors", sha) == str(renamed)  # not indexed yet: scans, finds
     assert bridge._RESCANS.started == 1
 
-    impostor = factory.save_lora(loras / "portrait.safetensors",
+    impostor = factory.save_lora(loras_folder / "portrait.safetensors",
                                  {"lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(3.0)})
     assert file_sha256(impostor) != sha
     assert bridge.resolve_lora("portrait.safetensors", sha) == str(renamed)
@@ -121,20 +113,23 @@ def test_resolve_by_hash_after_rename_and_never_a_different_file(loras: Path, tm
     assert bridge._RESCANS.started == 1  # the lookups right after shared the one throttled rescan
 
 
-def test_pick_adapters_loads_hits_with_sha256_and_says_why(loras: Path, clip_encoder: ComfyClipTextEncoder) -> None:
+def test_pick_adapters_loads_hits_with_sha256_and_says_why(loras_folder: Path,
+                                                           clip_encoder: ComfyClipTextEncoder) -> None:
     for name, words in (("watercolor_wash", "watercolor"), ("ink_knight", "knight"), ("neon_city", "cyberpunk")):
-        factory.save_lora(loras / "styles" / f"{name}.safetensors",
+        factory.save_lora(loras_folder / "styles" / f"{name}.safetensors",
                           metadata={"ss_output_name": name, "modelspec.trigger_phrase": words})
     pick = bridge.pick_adapters("watercolor painting", top_k=2, strength=0.7, folder="styles",
                                 clip=clip_encoder.clip, rescan=True)
     assert pick.hits[0].relpath == "styles/watercolor_wash.safetensors"
     assert pick.lora_stack[0] == ("styles/watercolor_wash.safetensors", 0.7, 0.7) and len(pick.lora_stack) == 2
     first = pick.entries[0]
-    assert first.row.sha256 == file_sha256(loras / "styles" / "watercolor_wash.safetensors")
-    assert first.row.strength == 0.7 and os.path.samefile(first.path, loras / "styles" / "watercolor_wash.safetensors")
+    assert first.row.sha256 == file_sha256(loras_folder / "styles" / "watercolor_wash.safetensors")
+    assert first.row.strength == 0.7
+    assert os.path.samefile(first.path, loras_folder / "styles" / "watercolor_wash.safetensors")
     assert first.trigger_words == ("watercolor",)
     sources = {c.source for c in pick.hits[0].why.components}
     assert sources == {"text", "semantic"}
-    assert pick.text.startswith("1. styles/watercolor_wash.safetensors") and "why: matched name: watercolor" in pick.text
+    assert pick.text.startswith("1. styles/watercolor_wash.safetensors")
+    assert "why: matched name: watercolor" in pick.text
     stats = bridge.server_library(bridge.clip_text_encoder(clip_encoder.clip)).stats()
     assert stats.text_vectors == 3 and stats.signature_vectors == 3

@@ -11,14 +11,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
-import pytest
-import torch
-from safetensors.torch import save_file
-
 import comfy.sd
 import comfy.sd1_clip
 import nodes as comfy_nodes  # ComfyUI's top-level nodes module
-from comfy_models import TINY_FLUX, empty_loras_folder, tiny_flux
+import pytest
+import torch
+from comfy_models import TINY_FLUX, tiny_flux
 from lora_factory import FluxDims, LoraCase, build_lora
 from lora_loom.composition.adapters import AdapterSet, DoRA
 from lora_loom.composition.comfy_bridge.flux_model import model_key
@@ -27,6 +25,7 @@ from lora_loom.composition.comfy_bridge.stack import load_entries
 from lora_loom.composition.stack import StackRow
 from lora_loom.nodes.lora_stack import LoomLoraStack
 from lora_loom.retrieval.comfy_bridge import resolve_lora
+from safetensors.torch import save_file
 
 # lora_factory widths matching comfy_models.TINY_FLUX (img_in / final_layer see in_channels · patch² = 64).
 DIMS = FluxDims(hidden=TINY_FLUX["hidden_size"], num_heads=TINY_FLUX["num_heads"], double_blocks=TINY_FLUX["depth"],
@@ -35,18 +34,6 @@ DIMS = FluxDims(hidden=TINY_FLUX["hidden_size"], num_heads=TINY_FLUX["num_heads"
 TUCKER_CORES = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")
 # Diffusers' norm_out is (shift, scale), Flux's final_layer.adaLN_modulation.1 is (scale, shift): swapped rows.
 SWAPPED = "final_layer.adaLN_modulation.1.weight"
-
-
-@pytest.fixture(scope="module")
-def loras() -> Path:
-    """The bridge loras folder, empty at the start and emptied at the end of this module."""
-    yield empty_loras_folder()
-    empty_loras_folder()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_flux(seed=0)
 
 
 def write(case: LoraCase, folder: Path, name: str | None = None, metadata: dict | None = None) -> str:
@@ -96,25 +83,25 @@ PARITY = ([(fmt, kind, 0.8) for fmt in ("kohya", "comfyui", "lycoris")
 
 
 @pytest.mark.parametrize("fmt, kind, strength", PARITY)
-def test_merged_weights_equal_comfyui_core(model, loras, fmt, kind, strength):
-    name = write(build_lora(fmt, kind, DIMS, include_text_encoders=False), loras)
-    base = patched_weights(model)
-    core = patched_weights(comfy_core(model, name, strength))
-    ours = patched_weights(run_node(model, [{"lora": name, "strength": strength}])[0])
+def test_merged_weights_equal_comfyui_core(flux, loras_folder, fmt, kind, strength):
+    name = write(build_lora(fmt, kind, DIMS, include_text_encoders=False), loras_folder)
+    base = patched_weights(flux)
+    core = patched_weights(comfy_core(flux, name, strength))
+    ours = patched_weights(run_node(flux, [{"lora": name, "strength": strength}])[0])
     assert_same_weights(ours, core, base)
 
 
-def test_bfl_control_lora_equals_comfyui_core_including_the_widened_img_in(model, loras):
+def test_bfl_control_lora_equals_comfyui_core_including_the_widened_img_in(flux, loras_folder):
     case = build_lora("bfl", "lora", DIMS)
     norm = "single_blocks.0.norm.key_norm.scale"  # the key core's convert_lora looks for
     value = torch.randn(DIMS.head_dim, generator=torch.Generator().manual_seed(5)) + 1.0
-    name = write(replace(case, state_dict={**case.state_dict, norm: value}), loras, "bfl_control.safetensors")
-    base = patched_weights(model)
-    core = patched_weights(comfy_core(model, name, 1.0))
-    ours = patched_weights(run_node(model, [{"lora": name}])[0])
+    name = write(replace(case, state_dict={**case.state_dict, norm: value}), loras_folder, "bfl_control.safetensors")
+    base = patched_weights(flux)
+    core = patched_weights(comfy_core(flux, name, 1.0))
+    ours = patched_weights(run_node(flux, [{"lora": name}])[0])
     assert core["img_in.weight"].shape == ours["img_in.weight"].shape == (DIMS.hidden, 2 * DIMS.in_channels)
     # the loaded model's name for the checkpoint's norm gain (".weight" from ComfyUI 0.33 on)
-    torch.testing.assert_close(ours[model_key(model.model.model_config, norm)], value)
+    torch.testing.assert_close(ours[model_key(flux.model.model_config, norm)], value)
     for key in base:
         torch.testing.assert_close(ours[key], core[key], rtol=1e-5, atol=2e-6, msg=key)
 
@@ -126,16 +113,16 @@ def _with_norm_source(adapter_set: AdapterSet, norm_source: str) -> AdapterSet:
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
-def test_dora_differs_from_core_only_by_the_norm_it_divides_by(model, loras, fmt):
+def test_dora_differs_from_core_only_by_the_norm_it_divides_by(flux, loras_folder, fmt):
     """ComfyUI 0.3.75 divides output-axis DoRA by the BASE weight's row norms; we follow the DoRA paper / PEFT
     (norms of W + ΔW). With ``norm_source="base"`` our math reproduces core exactly, except on diffusers'
     swapped norm_out, where core swaps the LoRA rows but not the magnitude vector (we swap both)."""
-    name = write(build_lora(fmt, "dora", DIMS, include_text_encoders=False), loras)
-    base = patched_weights(model)
-    core = patched_weights(comfy_core(model, name, 0.7))
+    name = write(build_lora(fmt, "dora", DIMS, include_text_encoders=False), loras_folder)
+    base = patched_weights(flux)
+    core = patched_weights(comfy_core(flux, name, 0.7))
     (entry,) = load_entries([StackRow(lora=name, strength=0.7)], resolve_lora)
-    ours = patched_weights(apply_merged(model, None, [entry]).model)
-    as_core = patched_weights(apply_merged(model, None, [replace(
+    ours = patched_weights(apply_merged(flux, None, [entry]).model)
+    as_core = patched_weights(apply_merged(flux, None, [replace(
         entry, adapter_set=_with_norm_source(entry.adapter_set, "base"))]).model)
     assert_same_weights(as_core, core, base, skip=(SWAPPED,) if fmt == "diffusers" else ())
     differs = [k for k in base if not torch.allclose(ours[k], core[k], rtol=1e-4, atol=1e-5)]
@@ -143,48 +130,48 @@ def test_dora_differs_from_core_only_by_the_norm_it_divides_by(model, loras, fmt
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
-def test_set_weight_strength_interpolates_where_core_ignores_it(model, loras, fmt):
+def test_set_weight_strength_interpolates_where_core_ignores_it(flux, loras_folder, fmt):
     """Core's ``set`` patch copies the value whatever the strength; we apply ``base + s·(value - base)``."""
     case = build_lora(fmt, "set_weight", DIMS, include_text_encoders=False)
-    name = write(case, loras)
-    base = patched_weights(model)
-    core = patched_weights(comfy_core(model, name, 0.5))
-    ours = patched_weights(run_node(model, [{"lora": name, "strength": 0.5}])[0])
+    name = write(case, loras_folder)
+    base = patched_weights(flux)
+    core = patched_weights(comfy_core(flux, name, 0.5))
+    ours = patched_weights(run_node(flux, [{"lora": name, "strength": 0.5}])[0])
     for param in case.expected:
         key, value = f"{param}.weight", case.base[param] + case.expected[param]
         torch.testing.assert_close(core[key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours[key], base[key] + 0.5 * (value - base[key]), rtol=1e-5, atol=1e-6)
 
 
-def test_set_weight_on_diffusers_norm_out_is_swapped_where_core_is_not(model, loras):
+def test_set_weight_on_diffusers_norm_out_is_swapped_where_core_is_not(flux, loras_folder):
     """Diffusers' ``norm_out`` stores (shift, scale), Flux's ``final_layer.adaLN_modulation.1`` (scale, shift).
     Core swaps LoRA deltas there but its ``set`` patch ignores the swap function; we swap every kind."""
     case = build_lora("lycoris", "set_weight", DIMS, include_text_encoders=False)
-    name = write(case, loras)
-    base = patched_weights(model)
-    core = patched_weights(comfy_core(model, name, 1.0))
-    ours = patched_weights(run_node(model, [{"lora": name}])[0])
+    name = write(case, loras_folder)
+    base = patched_weights(flux)
+    core = patched_weights(comfy_core(flux, name, 1.0))
+    ours = patched_weights(run_node(flux, [{"lora": name}])[0])
     param = SWAPPED.removesuffix(".weight")
     torch.testing.assert_close(ours[SWAPPED], case.base[param] + case.expected[param])
     assert not torch.allclose(core[SWAPPED], ours[SWAPPED])
     assert_same_weights(ours, core, base, skip=(SWAPPED,))
 
 
-def test_node_leaves_its_input_model_untouched(loras):
+def test_node_leaves_its_input_model_untouched(loras_folder):
     model = tiny_flux(seed=1)
     uuid, before = model.patches_uuid, patched_weights(model)
-    name = write(build_lora("kohya", "lora", DIMS), loras)
+    name = write(build_lora("kohya", "lora", DIMS), loras_folder)
     out = run_node(model, [{"lora": name}])[0]
     assert out is not model and out.patches and not model.patches and model.patches_uuid == uuid
     after = patched_weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_block_weights_scale_only_the_named_blocks(model, loras):
-    name = write(build_lora("comfyui", "lora", DIMS, include_text_encoders=False), loras)
-    base = patched_weights(model)
-    full = patched_weights(run_node(model, [{"lora": name}])[0])
-    half = patched_weights(run_node(model, [{"lora": name, "blocks": "double1=0.5"}])[0])
+def test_block_weights_scale_only_the_named_blocks(flux, loras_folder):
+    name = write(build_lora("comfyui", "lora", DIMS, include_text_encoders=False), loras_folder)
+    base = patched_weights(flux)
+    full = patched_weights(run_node(flux, [{"lora": name}])[0])
+    half = patched_weights(run_node(flux, [{"lora": name, "blocks": "double1=0.5"}])[0])
     touched = [k for k in base if not torch.equal(base[k], full[k])]
     assert any(k.startswith("double_blocks.0.") for k in touched) and any(k.startswith("single_") for k in touched)
     for key in touched:
@@ -192,22 +179,22 @@ def test_block_weights_scale_only_the_named_blocks(model, loras):
         torch.testing.assert_close(half[key] - base[key], factor * (full[key] - base[key]), rtol=1e-5, atol=1e-6)
 
 
-def test_disabled_row_is_never_opened_and_enabling_it_names_the_file(model, loras):
-    (loras / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    good = write(build_lora("kohya", "lora", DIMS), loras)
+def test_disabled_row_is_never_opened_and_enabling_it_names_the_file(flux, loras_folder):
+    (loras_folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    good = write(build_lora("kohya", "lora", DIMS), loras_folder)
     rows = [{"lora": "broken.safetensors", "on": False}, {"lora": good, "strength": 0.9}]
-    out = run_node(model, rows)
+    out = run_node(flux, rows)
     assert [e.row.lora for e in out[2]] == [good]
     assert [item[0] for item in out[3]] == [good]
     with pytest.raises(ValueError, match="broken.safetensors"):
-        run_node(model, [{"lora": "broken.safetensors", "on": True}])
+        run_node(flux, [{"lora": "broken.safetensors", "on": True}])
 
 
-def test_lora_stack_input_rows_are_applied_first_and_passed_on(model, loras):
-    a = write(build_lora("kohya", "lora", DIMS, seed=1), loras, "stack_a.safetensors")
-    b = write(build_lora("diffusers", "loha", DIMS, seed=2), loras, "stack_b.safetensors")
-    via_rows = patched_weights(run_node(model, [{"lora": a, "strength": 0.6}, {"lora": b}])[0])
-    out = run_node(model, [{"lora": b}], lora_stack=[(a, 0.6, 0.6)])
+def test_lora_stack_input_rows_are_applied_first_and_passed_on(flux, loras_folder):
+    a = write(build_lora("kohya", "lora", DIMS, seed=1), loras_folder, "stack_a.safetensors")
+    b = write(build_lora("diffusers", "loha", DIMS, seed=2), loras_folder, "stack_b.safetensors")
+    via_rows = patched_weights(run_node(flux, [{"lora": a, "strength": 0.6}, {"lora": b}])[0])
+    out = run_node(flux, [{"lora": b}], lora_stack=[(a, 0.6, 0.6)])
     torch.testing.assert_close(patched_weights(out[0]), via_rows, rtol=1e-6, atol=1e-7)
     assert [e.row.lora for e in out[2]] == [a, b]
     assert out[3] == [(a, 0.6, 0.6), (b, 1.0, 1.0)]
@@ -243,12 +230,12 @@ def clip_weights(clip) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "comfyui", "diffusers"])
-def test_text_encoder_parts_patch_a_real_clip_at_the_clip_strength(model, loras, fmt):
+def test_text_encoder_parts_patch_a_real_clip_at_the_clip_strength(flux, loras_folder, fmt):
     case = build_lora(fmt, "lora", DIMS)
-    name = write(case, loras, f"te_{fmt}.safetensors")
+    name = write(case, loras_folder, f"te_{fmt}.safetensors")
     clip = tiny_clip(DIMS)
     base = clip_weights(clip)
-    _, out_clip, *_ = run_node(model, [{"lora": name, "strength": 1.0, "clip_strength": 0.4}], clip=clip)
+    _, out_clip, *_ = run_node(flux, [{"lora": name, "strength": 1.0, "clip_strength": 0.4}], clip=clip)
     assert out_clip is not clip and not clip.patcher.patches
     got = clip_weights(out_clip)
     clip_deltas = {k.split(":", 1)[1]: v for k, v in case.expected_te.items() if k.startswith("clip_l:")}
@@ -260,25 +247,25 @@ def test_text_encoder_parts_patch_a_real_clip_at_the_clip_strength(model, loras,
     assert unchanged and all(torch.equal(got[k], base[k]) for k in unchanged)
 
 
-def test_trigger_words_come_from_metadata(model, loras):
-    tagged = write(build_lora("kohya", "lora", DIMS), loras, "tagged.safetensors",
+def test_trigger_words_come_from_metadata(flux, loras_folder):
+    tagged = write(build_lora("kohya", "lora", DIMS), loras_folder, "tagged.safetensors",
                    {"modelspec.trigger_phrase": "l00m style, woven"})
-    counted = write(build_lora("comfyui", "lora", DIMS), loras, "counted.safetensors",
+    counted = write(build_lora("comfyui", "lora", DIMS), loras_folder, "counted.safetensors",
                     {"ss_tag_frequency": json.dumps({"10_set": {"knit": 9, "wool": 4, "l00m style": 2}})})
-    words = run_node(model, [{"lora": tagged}, {"lora": counted}])[4]
+    words = run_node(flux, [{"lora": tagged}, {"lora": counted}])[4]
     assert words == "l00m style, woven, knit, wool"
 
 
-def test_foreign_model_and_shape_mismatch_errors_name_the_file(model, loras):
+def test_foreign_model_and_shape_mismatch_errors_name_the_file(flux, loras_folder):
     save_file({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 320),
                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(320, 4)},
-              str(loras / "sdxl_style.safetensors"))
+              str(loras_folder / "sdxl_style.safetensors"))
     with pytest.raises(ValueError, match=r"sdxl_style\.safetensors is a LoRA for SDXL"):
-        run_node(model, [{"lora": "sdxl_style.safetensors"}])
-    name = write(build_lora("comfyui", "lora", FluxDims(hidden=32)), loras, "hidden32.safetensors")
+        run_node(flux, [{"lora": "sdxl_style.safetensors"}])
+    name = write(build_lora("comfyui", "lora", FluxDims(hidden=32)), loras_folder, "hidden32.safetensors")
     with pytest.raises(ValueError, match=r"hidden32\.safetensors.*double_blocks\.0\.img_attn\.qkv.*\(96, 32\).*"
                                          r"\(192, 64\)"):
-        run_node(model, [{"lora": name}])
+        run_node(flux, [{"lora": name}])
     with pytest.raises(FileNotFoundError, match="missing_lora.safetensors"):
-        run_node(model, [{"lora": "missing_lora.safetensors"}])
-    assert os.path.isdir(loras)
+        run_node(flux, [{"lora": "missing_lora.safetensors"}])
+    assert os.path.isdir(loras_folder)

@@ -29,7 +29,8 @@ def _first(kind: type, predicate=lambda spec: True) -> list[tuple[type, object]]
             if isinstance(spec, kind) and predicate(spec)]
 
 
-@pytest.mark.parametrize("node, spec", _first(io.Float.Input), ids=lambda v: getattr(v, "id", getattr(v, "__name__", "")))
+@pytest.mark.parametrize("node, spec", _first(io.Float.Input),
+                         ids=lambda v: getattr(v, "id", getattr(v, "__name__", "")))
 def test_float_inputs_refuse_nan_and_out_of_range(node: type, spec) -> None:
     for bad, message in ((math.nan, "must be a finite number"), (math.inf, "must be a finite number"),
                          ((spec.max or 0) + 1e6, "above its maximum"), ((spec.min or 0) - 1e6, "below its minimum")):

@@ -3,21 +3,27 @@ the prompt asks (scored by the exact detector), the trainer's sampler agrees wit
 LoRAs load through ComfyUI's own LoRA loader with every key used."""
 import json
 
-import numpy as np
-import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 import comfy.lora
 import comfy.model_patcher
 import comfy.sample
 import comfy.sd
-
+import numpy as np
+import pytest
+import torch
 from lora_loom.nodes import playground as playground_nodes
 from lora_loom.playground import detector, latent, scoring, text, train, world
-from lora_loom.playground.model import (LORA_DIR, META_VOCABULARY, MODEL_FILE, PlaygroundLatentFormat,
-                                        load_playground, lora_path, read_base_for_new_vocabulary, read_playground)
+from lora_loom.playground.model import (
+    LORA_DIR,
+    META_VOCABULARY,
+    MODEL_FILE,
+    PlaygroundLatentFormat,
+    load_playground,
+    lora_path,
+    read_base_for_new_vocabulary,
+    read_playground,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 HALF = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 PROMPTS = [("red", "circle", "left"), ("blue", "square", "right"), ("green", "triangle", "left"),

@@ -8,18 +8,28 @@ mixed batches.
 from __future__ import annotations
 
 import contextlib
+import copy
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
+import folder_paths
+import pytest
 import torch
-
+from comfy_models import flux_inputs, tiny_flux
 from lora_loom.composition.adapters import AdapterSet, LoRA
 from lora_loom.composition.adapters.common import Offset
+from lora_loom.composition.comfy_bridge.merged import apply_merged
 from lora_loom.composition.comfy_bridge.regional import build_plan, regional_controller
 from lora_loom.composition.comfy_bridge.runtime import install, runtime_of
 from lora_loom.composition.plan import ComposedRegion, ComposeOptions, Region, TextSpans
 from lora_loom.composition.prompts import EncodedPrompt
+from lora_loom.composition.regional import ActiveRules, allowed_groups
+from lora_loom.composition.runtime.layers import LoomLinear
 from lora_loom.composition.runtime.regional import RegionalState
 from lora_loom.composition.stack import StackEntry, StackRow
+from lora_loom.kernels.probes import attention_probabilities
 
 IMAGE_MODULES = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "img_mod.lin")
 TEXT_MODULES = ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2", "txt_mod.lin")
@@ -118,29 +128,9 @@ def apply_model(patcher, x: torch.Tensor, sigma: float, context: torch.Tensor, y
 
 
 # --------------------------------------------------------------------------------------------------------------
-import copy
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-import folder_paths
-import pytest
-
-from comfy_models import flux_inputs, tiny_flux
-from lora_loom.composition.comfy_bridge.merged import apply_merged
-from lora_loom.composition.runtime.layers import LoomLinear
-from lora_loom.composition.regional import ActiveRules, allowed_groups
-from lora_loom.kernels.probes import attention_probabilities
-
 HIGH_SIGMA = 0.98  # early in sampling: inside the rules' default window
 ALWAYS = dict(start_percent=0.0, end_percent=1.0)
 LEFT, RIGHT = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +324,7 @@ _FRESH = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
 import conftest  # loads the pack and puts tests/ on sys.path
-from lora_loom.cli.comfy_env import find_comfyui, import_comfy
+from lora_loom.comfy_env import find_comfyui, import_comfy
 import tempfile
 import_comfy(find_comfyui({comfy!r}), cpu=True, base_directory=tempfile.mkdtemp())
 from comfy_models import flux_inputs, tiny_flux

@@ -5,15 +5,18 @@ from __future__ import annotations
 import types
 import zlib
 
+import comfy.sample
 import pytest
 import torch
-
-import comfy.sample
-from comfy_models import tiny_flux
 from lora_loom.composition.adapters import AdapterSet, LoRA
 from lora_loom.composition.comfy_bridge.regional import compose
-from lora_loom.composition.comfy_bridge.reinit import (ConceptMaps, ReinitWrapper, TokenBox, best_window,
-                                                      reinitialise_noise)
+from lora_loom.composition.comfy_bridge.reinit import (
+    ConceptMaps,
+    ReinitWrapper,
+    TokenBox,
+    best_window,
+    reinitialise_noise,
+)
 from lora_loom.composition.comfy_bridge.runtime import runtime_of
 from lora_loom.composition.plan import ComposeOptions, PlanError, parse_rule_blocks
 from lora_loom.composition.stack import StackEntry, StackRow
@@ -53,11 +56,6 @@ def _entry(patcher, seed: int, name: str) -> StackEntry:
         adapters[module] = (LoRA(up=torch.randn(out, 4, generator=gen) * 0.3, down=torch.randn(4, inp, generator=gen)
                                  / inp ** 0.5, target_shape=(out, inp), alpha=4.0),)
     return StackEntry(StackRow(lora=name), AdapterSet(source=name, format="test", adapters=adapters), name)
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +182,6 @@ def test_bench_compose_gives_one_row_per_combination():
 
 def test_refinement_switch_installs_the_refine_wrapper_on_the_clone_only(flux, regions):
     import comfy.patcher_extension
-
     from lora_loom.composition.comfy_bridge.refine import RefineWrapper
 
     def refiners(model):

@@ -38,11 +38,6 @@ T, CONTEXT, POOLED = 8, 48, 32
 
 
 @pytest.fixture(scope="module")
-def flux():
-    return tiny_flux(seed=0)
-
-
-@pytest.fixture(scope="module")
 def sets(flux):
     modules = flux_modules(flux)
     return [lora_set(flux, modules, seed=s, scale=2.0, name=f"l{s}") for s in (1, 2, 3)]

@@ -2,7 +2,6 @@
 import dataclasses
 
 import torch
-
 from comfy_models import flux_inputs, tiny_flux
 
 
@@ -25,8 +24,12 @@ def test_flux_is_built_from_a_config_comfyui_completes_and_loads_checkpoint_name
     import comfy.ldm.flux.model
     import pytest
     from comfy_models import TINY_FLUX
-    from lora_loom.composition.comfy_bridge.flux_model import (FluxModelError, checkpoint_state, complete_config,
-                                                               flux_model)
+    from lora_loom.composition.comfy_bridge.flux_model import (
+        FluxModelError,
+        checkpoint_state,
+        complete_config,
+        flux_model,
+    )
 
     config = complete_config(TINY_FLUX)
     required = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)

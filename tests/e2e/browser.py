@@ -34,7 +34,8 @@ def comfy_page(server, artifacts: Path, width: int = 1600, height: int = 1000, p
             for key, value in {"Comfy.TutorialCompleted": True, "Comfy.Validation.Workflows": True}.items():
                 server.request(f"/settings/{key}", value)
             page.goto(server.url + path, wait_until="domcontentloaded")
-            page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.extensionManager",
+                                   timeout=120_000)
             page.wait_for_timeout(1000)
             page.keyboard.press("Escape")
             yield page

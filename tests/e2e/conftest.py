@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from loomdev.demo_loras import place_demo_loras
 from loomdev.playground_loras import place_playground_loras
 from loomdev.server import ComfyServer, prepare_workspace

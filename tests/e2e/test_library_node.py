@@ -3,13 +3,12 @@ CLIP) feeding its LORA_STACK into ``Loom LoRA Stack`` on the demo Flux; the run 
 hits text names the LoRA the prompt describes."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from demo_workflows import demo
 from loomdev.workflow import ui_to_api
 from safetensors.torch import save_file
-from demo_workflows import demo
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -188,15 +188,18 @@ def test_fit_against_the_model_a_loader_loads(comfy_server, library_files):
     assert status == 200 and body["model"].startswith("Flux, hidden 192")
     fits = body["fits"]
     assert fits["playground_ring.safetensors"]["ok"] is True
-    assert fits["routes/steel_paladin.safetensors"]["ok"] is False and "width 8" in fits["routes/steel_paladin.safetensors"]["reason"]
+    paladin = fits["routes/steel_paladin.safetensors"]
+    assert paladin["ok"] is False and "width 8" in paladin["reason"]
     assert fits["loom_demo_red.safetensors"]["ok"] is False
     from loomdev.fixtures import FLUX_FILE
 
-    status, body = get(comfy_server, "/loom/library/search", q="loom", loader="UNETLoader", model=FLUX_FILE, fits_only="1")
+    status, body = get(comfy_server, "/loom/library/search", q="loom", loader="UNETLoader", model=FLUX_FILE,
+                       fits_only="1")
     assert status == 200 and body["model"].startswith("Flux, hidden 3072")
     assert {h["lora"] for h in body["hits"]} == {"loom_demo_red.safetensors", "loom_demo_blue.safetensors"}
     assert all(h["fit"]["ok"] for h in body["hits"])
-    status, body = get(comfy_server, "/loom/library/fit", loader="UNETLoader", model="/etc/passwd", refs="a.safetensors")
+    status, body = get(comfy_server, "/loom/library/fit", loader="UNETLoader", model="/etc/passwd",
+                       refs="a.safetensors")
     assert status == 400 and "model" in body["error"]  # only names inside the model folders
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from safetensors.torch import save_file
-
 from loomdev.fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 from lora_factory import FluxDims, LoraCase, build_lora
+from PIL import Image
+from safetensors.torch import save_file
 
 # The demo model (dev/loomdev/fixtures.py): hidden 3072 / 24 heads, 1 double + 1 single block, CLIP-L-sized
 # txt_in / vector_in (768), 16 latent channels · patch 2² = 64 features into img_in.

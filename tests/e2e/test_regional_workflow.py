@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loomdev.fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 from PIL import Image
 from safetensors.torch import save_file
-
-from loomdev.fixtures import CLIP_FILE, FLUX_FILE, VAE_FILE
 
 HIDDEN, MLP = 3072, 4 * 3072
 # kohya module -> (out, in) on the demo Flux (1 double + 1 single block, hidden 3072)

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from loomdev.examples import playground_case
 from loomdev.workflow import ui_to_api
 from lora_loom.playground import detector
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,12 +25,13 @@ def test_pack_nodes_appear_in_object_info(object_info):
 
 def test_server_log_shows_pack_imported_without_errors(comfy_server, object_info):
     log = comfy_server.log_text()
-    line = next((l for l in log.splitlines() if "custom_nodes/lora-loom" in l and "seconds" in l), None)
+    line = next((text for text in log.splitlines() if "custom_nodes/lora-loom" in text and "seconds" in text), None)
     assert line is not None, f"no import-time line for the pack in the log:\n{log[-3000:]}"
     assert "IMPORT FAILED" not in line
     assert not re.search(r"Cannot import .*custom_nodes/lora-loom", log)
     startup = log.split("Starting server", 1)[0]  # later errors are workflows that fail on purpose (test_security)
-    assert "custom_nodes/lora-loom" not in "\n".join(l for l in startup.splitlines() if "Traceback" in l or "Error" in l)
+    errors = "\n".join(text for text in startup.splitlines() if "Traceback" in text or "Error" in text)
+    assert "custom_nodes/lora-loom" not in errors
 
 
 def test_web_extension_is_served(comfy_server):

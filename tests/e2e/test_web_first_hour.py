@@ -12,10 +12,9 @@ import urllib.parse
 from pathlib import Path
 
 import torch
+from browser import comfy_page, load_workflow
 from loomdev.examples import EXAMPLES_LIST, PLAYGROUND_EXAMPLE, example
 from safetensors.torch import save_file
-
-from browser import comfy_page, load_workflow
 from test_web_stack import wait_for_new_prompt
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +24,8 @@ RING, RED = "playground_ring.safetensors", "loom_demo_red.safetensors"
 
 OVERLAPS_JS = """() => { const ns = window.app.graph._nodes, out = [];
   for (const a of ns) for (const b of ns) if (a.id < b.id) { const A = a.getBounding(), B = b.getBounding();
-    if (A[0] < B[0] + B[2] && B[0] < A[0] + A[2] && A[1] < B[1] + B[3] && B[1] < A[1] + A[3]) out.push([a.title, b.title]); }
+    if (A[0] < B[0] + B[2] && B[0] < A[0] + A[2] && A[1] < B[1] + B[3] && B[1] < A[1] + A[3])
+      out.push([a.title, b.title]); }
   return out; }"""
 
 
@@ -118,8 +118,9 @@ def test_stack_editor_fits_its_node_and_flags_rows_before_run(comfy_server):
             c.ds.scale = 1; c.ds.offset = [-n.pos[0] + 120, -n.pos[1] + 160]; c.setDirty(true, true); }}""")
         page.wait_for_timeout(500)
         # everything the editor draws lies inside the node, whatever its rows hold
-        node_box = page.evaluate(f"""() => {{ const n = window.app.graph.getNodeById({stack}); const c = window.app.canvas;
-            const r = c.canvas.getBoundingClientRect(); const [x, y] = c.ds.convertOffsetToCanvas(n.pos);
+        node_box = page.evaluate(f"""() => {{ const n = window.app.graph.getNodeById({stack});
+            const c = window.app.canvas; const r = c.canvas.getBoundingClientRect();
+            const [x, y] = c.ds.convertOffsetToCanvas(n.pos);
             return [r.left + x, r.top + y, n.size[0] * c.ds.scale, n.size[1] * c.ds.scale]; }}""")
         for element in page.locator(".loom-stack button, .loom-stack input, .loom-stack select").all():
             box = element.bounding_box()
@@ -127,7 +128,8 @@ def test_stack_editor_fits_its_node_and_flags_rows_before_run(comfy_server):
             assert box["y"] + box["height"] <= node_box[1] + node_box[3] + 1, (box, node_box)
         assert page.locator(".loom-stack-header").inner_text().split() == ["on", "LoRA", "strength", "CLIP", "blocks"]
         clip = page.locator(".loom-stack-row .loom-clip").first
-        assert clip.get_attribute("aria-label").startswith("CLIP strength") and clip.get_attribute("placeholder") == "same"
+        assert clip.get_attribute("aria-label").startswith("CLIP strength")
+        assert clip.get_attribute("placeholder") == "same"
         rows = page.locator(".loom-stack-row")
         assert "loom-stack-row-misfit" not in rows.nth(0).get_attribute("class")
         assert "width 3072" in rows.nth(1).locator(".loom-stack-fit").inner_text()
@@ -151,8 +153,9 @@ def test_stack_editor_fits_its_node_and_flags_rows_before_run(comfy_server):
         page.locator(".loom-stack-add").click()
         page.wait_for_function(f"() => window.app.graph.getNodeById({stack}).size[1] > {height}")
         add = page.locator(".loom-stack-add").bounding_box()
-        node_box = page.evaluate(f"""() => {{ const n = window.app.graph.getNodeById({stack}); const c = window.app.canvas;
-            const r = c.canvas.getBoundingClientRect(); const [x, y] = c.ds.convertOffsetToCanvas(n.pos);
+        node_box = page.evaluate(f"""() => {{ const n = window.app.graph.getNodeById({stack});
+            const c = window.app.canvas; const r = c.canvas.getBoundingClientRect();
+            const [x, y] = c.ds.convertOffsetToCanvas(n.pos);
             return [r.left + x, r.top + y, n.size[0] * c.ds.scale, n.size[1] * c.ds.scale]; }}""")
         assert add["y"] + add["height"] <= node_box[1] + node_box[3] + 1
         shot(page, "stack_editor_grown")
@@ -212,7 +215,8 @@ def test_library_panel_nothing_matched_pages_copies_and_fit(comfy_server, loras_
         page.wait_for_selector(".loom-lib-card[data-lora='pebble_wide.safetensors'] .loom-lib-fit-no")
         badge = page.locator(".loom-lib-card[data-lora='pebble_wide.safetensors'] .loom-lib-fit-no")
         assert "width 3072" in badge.get_attribute("title")
-        details = page.evaluate("async () => (await (await fetch('/loom/library/details?ref=playground_ring.safetensors')).json())")
+        details = page.evaluate(
+            "async () => (await (await fetch('/loom/library/details?ref=playground_ring.safetensors')).json())")
         assert details["problems"] == [] and details["targets"].startswith("Flux, hidden 192")
 
         # the drag ghost: a plain "+", which every font has
@@ -248,7 +252,8 @@ def test_library_search_shows_its_picks_and_the_views_name_every_region_lora(com
         # regions that overlap are flagged in the Compose view
         page.evaluate("""() => { const r = window.app.graph._nodes.find(n => n.title === 'Region 1');
             r.widgets.find(w => w.name === 'x1').value = 0.7; window.app.canvas.setDirty(true, true); }""")
-        page.wait_for_function("() => document.querySelector('.loom-compose-overlap')?.textContent.includes('regions 1 and 2 overlap')")
+        page.wait_for_function(
+            "() => document.querySelector('.loom-compose-overlap')?.textContent.includes('regions 1 and 2 overlap')")
         shot(page, "compose_view_overlap")
 
 
@@ -274,11 +279,14 @@ def test_fresh_nodes_have_tall_prompts_and_rule_blocks_is_checked_while_editing(
         for node_type, height in heights.items():
             assert height >= 0.9 * reference, (node_type, height, reference)
         compose = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'LoomCompose').id")
-        page.evaluate(f"""() => {{ const w = window.app.graph.getNodeById({compose}).widgets.find(w => w.name === 'rule_blocks');
+        page.evaluate(f"""() => {{
+            const w = window.app.graph.getNodeById({compose}).widgets.find(w => w.name === 'rule_blocks');
             w.value = 'd0-18 x9'; w.callback(w.value); }}""")
-        page.wait_for_function("() => document.querySelector('.loom-rule-blocks-problem')?.textContent.includes(\"cannot read 'x9'\")")
+        page.wait_for_function("() => document.querySelector('.loom-rule-blocks-problem')"
+                               "?.textContent.includes(\"cannot read 'x9'\")")
         shot(page, "fresh_nodes")
-        page.evaluate(f"""() => {{ const w = window.app.graph.getNodeById({compose}).widgets.find(w => w.name === 'rule_blocks');
+        page.evaluate(f"""() => {{
+            const w = window.app.graph.getNodeById({compose}).widgets.find(w => w.name === 'rule_blocks');
             w.value = 'd0-1 s0-1'; w.callback(w.value); }}""")
         page.wait_for_function("() => document.querySelector('.loom-rule-blocks-problem')?.textContent === ''")
 

@@ -5,12 +5,11 @@ queue it from the UI and see the output image."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from browser import comfy_page, export_workflow, load_workflow
-from test_web_stack import wait_for_new_prompt
 from demo_workflows import demo
+from test_web_stack import wait_for_new_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -53,7 +52,8 @@ def test_library_panel_search_details_drag_round_trip_and_queue(comfy_server, lo
         first = card(page, RED)
         assert "loomred" in first.locator(".loom-lib-trigger").all_inner_texts()
         assert "red" in first.locator(".loom-lib-why").inner_text()
-        page.wait_for_function(f"() => document.querySelector(\".loom-lib-card[data-lora='{RED}'] img\")?.naturalWidth > 0")
+        page.wait_for_function(
+            f"() => document.querySelector(\".loom-lib-card[data-lora='{RED}'] img\")?.naturalWidth > 0")
         page.screenshot(path=str(ARTIFACTS / "web_library_panel_search.png"))
 
         first.locator(".loom-lib-details-button").click()

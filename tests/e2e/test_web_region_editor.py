@@ -3,13 +3,12 @@ box, move it and resize it with the mouse on Loom Region's canvas (the latent's 
 on Loom Compose, export the workflow JSON, reload it exactly, queue it from the UI and see the output image."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from browser import comfy_page, export_workflow, load_workflow
-from test_web_stack import wait_for_new_prompt
 from demo_workflows import two_regions
+from test_web_stack import wait_for_new_prompt
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -33,7 +32,8 @@ def show_node(page, node_id: int) -> None:
 def to_client(page, node_id: int, x: float, y: float) -> tuple[float, float]:
     """A normalised point of the region's canvas (0..1 over the latent) on the screen."""
     return tuple(page.evaluate("""([id, x, y]) => { const s = window.app.graph.getNodeById(id).loomRegion.surface;
-        const r = s.canvas.getBoundingClientRect(); const kx = r.width / s.canvas.width, ky = r.height / s.canvas.height;
+        const r = s.canvas.getBoundingClientRect();
+        const kx = r.width / s.canvas.width, ky = r.height / s.canvas.height;
         return [r.left + (s.view.left + x * s.view.width) * kx, r.top + (s.view.top + y * s.view.height) * ky]; }""",
                                [node_id, x, y]))
 

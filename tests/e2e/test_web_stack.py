@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
 from browser import comfy_page, export_workflow, load_workflow
 from demo_workflows import demo
+from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -41,7 +40,8 @@ def wait_for_new_prompt(server, before: set, timeout: float = 60) -> str:
 
 def stack_rows(page) -> list:
     return json.loads(page.evaluate(
-        "() => window.app.graph._nodes.find(n => n.type === 'LoomLoraStack').widgets.find(w => w.name === 'rows').value"))
+        "() => window.app.graph._nodes.find(n => n.type === 'LoomLoraStack')"
+        ".widgets.find(w => w.name === 'rows').value"))
 
 
 def test_stack_editor_adds_row_round_trips_and_queues(comfy_server, loras_dir, object_info):

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
-
-from lora_loom.cli.comfy_env import find_comfyui, import_comfy
+from lora_loom.comfy_env import find_comfyui, import_comfy
 
 BASE_DIR = Path(tempfile.mkdtemp(prefix="loom-fuzz-"))
 atexit.register(shutil.rmtree, BASE_DIR, True)

@@ -29,11 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import library_factory as factory
-import pytest
 import torch
 from hypothesis import given, seed
 from hypothesis import strategies as st
-
 from lora_factory import FluxDims, build_lora, safetensors_loads, save_case
 from lora_loom.cli import build_parser
 from lora_loom.composition import loading

@@ -6,9 +6,20 @@ from collections.abc import Callable
 
 import pytest
 import torch
-
-from lora_loom.composition.adapters import (BIAS, DoRA, LoHa, LoKr, LoRA, Offset, SetWeight, WeightDiff,
-                                            adapter_tensors, bypass_output, merged_delta, with_tensors)
+from lora_loom.composition.adapters import (
+    BIAS,
+    DoRA,
+    LoHa,
+    LoKr,
+    LoRA,
+    Offset,
+    SetWeight,
+    WeightDiff,
+    adapter_tensors,
+    bypass_output,
+    merged_delta,
+    with_tensors,
+)
 
 OUT, IN, R = 12, 8, 3
 # LyCORIS tolerances, applied to the relative mean squared error ||a - b||² / ||b||².

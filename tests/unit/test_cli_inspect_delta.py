@@ -7,11 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from lora_factory import NO_ALPHA, FluxDims, LoraCase, base_weight, build_lora, flux_param_shapes, save_case
 from lora_loom.cli import main
-from lora_loom.composition.loading import clear_cache
+from safetensors.torch import load_file, save_file
 
 DIMS = FluxDims(hidden=32, double_blocks=2, single_blocks=2)
 
@@ -34,11 +32,7 @@ def write_model(case: LoraCase, folder: Path, seed: int = 3) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_lora_cache")
 
 
 DELTA_CASES = [("kohya", "lora", 1.0), ("comfyui", "loha", 0.5), ("diffusers", "lokr_factored", -1.5),

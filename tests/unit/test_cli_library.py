@@ -33,8 +33,8 @@ ADAPTERS = {  # relpath: (header metadata, civitai base model, tags)
                                             "ss_base_model_version": "flux1"}, ["style", "paint"]),
     "styles/ink_sketch.safetensors": ({"ss_output_name": "ink sketch", "modelspec.architecture": "flux-1-dev/lora"},
                                       ["style", "lineart"]),
-    "characters/knight_armor.safetensors": ({"ss_output_name": "knight armor", "ss_base_model_version": "sdxl_base_v1-0"},
-                                            ["character"]),
+    "characters/knight_armor.safetensors": ({"ss_output_name": "knight armor",
+                                             "ss_base_model_version": "sdxl_base_v1-0"}, ["character"]),
     "characters/robot_girl.safetensors": ({"ss_output_name": "robot girl", "modelspec.architecture": "flux-1-dev/lora"},
                                           ["character", "scifi"]),
 }

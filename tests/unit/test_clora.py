@@ -21,6 +21,16 @@ from lora_loom.composition.concept_tokens import (
     parse_token_override,
     word_token_positions,
 )
+from lora_loom.composition.refine import (
+    Box,
+    RefineOptions,
+    enhancement_loss,
+    fill_loss,
+    gaussian_smooth,
+    refinement_step_sizes,
+    region_loss,
+    should_stop,
+)
 
 
 def blob(h: int, w: int, row: int, col: int, radius: float = 1.5) -> torch.Tensor:
@@ -160,16 +170,6 @@ def test_bad_token_override(text):
 
 
 # --- LoRA-Composer refinement losses -----------------------------------------------------------------------
-from lora_loom.composition.refine import (
-    Box,
-    RefineOptions,
-    enhancement_loss,
-    fill_loss,
-    gaussian_smooth,
-    refinement_step_sizes,
-    region_loss,
-    should_stop,
-)
 
 BOX = Box(top=1, left=1, bottom=4, right=4)
 

@@ -30,7 +30,8 @@ def test_example_file(example) -> None:
     [note] = [n for n in workflow["nodes"] if n["type"] == "Note"]
     assert note["title"] and "Result" in note["widgets_values"][0]
     assert workflow["extra"]["ds"]["scale"] >= 0.75  # node titles and widgets are drawn from 0.6 up
-    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in workflow["nodes"]]
+    boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in workflow["nodes"]]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lora_loom.bounded_cache import BoundedCache, clear_all, tensor_bytes
 from lora_loom.files.folders import OutsideFoldersError, confine, find_in_folders, relative_name
 from lora_loom.files.writing import OutputFileError, check_output, write_file

@@ -34,7 +34,8 @@ def _counted(fn) -> int:
 
 def _run_blocks(shape: FluxShape, work: Workload, rank: int | None = None) -> None:
     """Every block Linear of ``shape`` on its tokens (and a rank-``rank`` LoRA beside it when given)."""
-    for depth, layers in ((shape.depth, double_block_linears(shape)), (shape.depth_single, single_block_linears(shape))):
+    for depth, layers in ((shape.depth, double_block_linears(shape)),
+                          (shape.depth_single, single_block_linears(shape))):
         for _ in range(depth):
             for layer in layers:
                 tokens = 1 if layer.per_sample else work.tokens(layer.stream)
@@ -78,8 +79,8 @@ def test_lora_flops_definition() -> None:
 
 def test_flux_dev_parameter_count() -> None:
     """Per-token FLOPs of the blocks / 2 = the block Linears' weights: Flux-dev has ~11.8 B of them."""
-    weights = sum(FLUX_DEV.depth * l.c_in * l.c_out for l in double_block_linears(FLUX_DEV)) \
-        + sum(FLUX_DEV.depth_single * l.c_in * l.c_out for l in single_block_linears(FLUX_DEV))
+    weights = sum(FLUX_DEV.depth * layer.c_in * layer.c_out for layer in double_block_linears(FLUX_DEV)) \
+        + sum(FLUX_DEV.depth_single * layer.c_in * layer.c_out for layer in single_block_linears(FLUX_DEV))
     assert weights == 1254 * 3072 ** 2
     assert 11.5e9 < weights < 12.0e9
 
@@ -98,7 +99,8 @@ def test_regional_limit_flux_dev_1024() -> None:
     tokens = workload_for(1024, FLUX_DEV, 256).image_tokens
     assert tokens == 4096
     plain = Workload(tokens, 256)
-    assert adapter_flops(FLUX_DEV, plain, 4, 16) / base_flops(FLUX_DEV, plain).total == pytest.approx(0.0206, abs=0.0005)
+    ratio = adapter_flops(FLUX_DEV, plain, 4, 16) / base_flops(FLUX_DEV, plain).total
+    assert ratio == pytest.approx(0.0206, abs=0.0005)
     lean = method_flops("regional", FLUX_DEV, tokens, 0, 4, 4, 16, base_blend=False)
     assert lean.limit == pytest.approx(1.0 + adapter_flops(FLUX_DEV, Workload(tokens, 0), 4, 16)
                                        / base_flops(FLUX_DEV, Workload(tokens, 0)).total)

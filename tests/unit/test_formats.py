@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lora_factory import FORMATS, KIND_FORMATS, KINDS, FluxDims, LoraCase, build_lora, flux_param_shapes
 from lora_loom.composition.adapters import AdapterSet, merged_delta
-from lora_loom.composition.formats import (NotFluxLoRAError, ShapeMismatchError, check_shapes,
-                                           identify_foreign_model, read_adapter_set)
+from lora_loom.composition.formats import (
+    NotFluxLoRAError,
+    ShapeMismatchError,
+    check_shapes,
+    identify_foreign_model,
+    read_adapter_set,
+)
 
 DIMS = FluxDims()
 
@@ -91,7 +95,8 @@ def test_bfl_control_lora_bias_norms_and_widened_input() -> None:
 
 SPELLINGS = [(".lora_up.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_A.weight"),
              (".lora.up.weight", ".lora.down.weight"), (".lora_B.default.weight", ".lora_A.default.weight"),
-             ("_lora.up.weight", "_lora.down.weight"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+             ("_lora.up.weight", "_lora.down.weight"),
+             (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
              (".up.weight", ".down.weight")]
 
 

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from lora_loom.cli import main
 from lora_loom.composition.adapters import DoRA, WeightDiff, bypass_output, merged_delta
 from lora_loom.composition.formats import read_adapter_set
-from lora_loom.composition.loading import clear_cache, load_adapter_set
+from lora_loom.composition.loading import load_adapter_set
+from safetensors.torch import load_file, save_file
 
 H, R = 8, 2
 
@@ -26,11 +25,7 @@ def only(adapter_set, module: str):
     return adapter
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_lora_cache")
 
 
 # ------------------------------------------------------------------------------------------------ 1. alpha

@@ -11,8 +11,6 @@ from pathlib import Path
 import library_factory as factory
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from lora_factory import FluxDims, build_lora, save_case
 from lora_loom.cli import main
 from lora_loom.composition import loading
@@ -23,15 +21,12 @@ from lora_loom.composition.plan import Plan, PlanError, Region
 from lora_loom.composition.prompt_schedule import PromptSyntaxError, parse_prompt_schedule
 from lora_loom.composition.stack import StackError, parse_rows
 from lora_loom.retrieval.library import Library
+from safetensors.torch import save_file
 
 DIMS = FluxDims(hidden=32, double_blocks=2, single_blocks=2)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    loading.clear_cache()
-    yield
-    loading.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_lora_cache")
 
 
 @pytest.fixture()

@@ -4,10 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lora_loom.kernels import joint_attention as ja
-from lora_loom.kernels.joint_attention import (AttentionRulesError, attention_dense, attention_grouped,
-                                               attention_with_rules, dense_mask, grouped_layout, resolve_allowed)
+from lora_loom.kernels.joint_attention import (
+    AttentionRulesError,
+    attention_dense,
+    attention_grouped,
+    attention_with_rules,
+    dense_mask,
+    grouped_layout,
+    resolve_allowed,
+)
 from lora_loom.kernels.probes import attention_probabilities, text_to_image_maps
 
 G = 5

@@ -3,8 +3,9 @@ versions agree, pyproject carries the registry fields."""
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[2]
 PURE = ("composition", "kernels", "retrieval")

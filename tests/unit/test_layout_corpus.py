@@ -8,20 +8,15 @@ from collections import Counter
 
 import pytest
 import torch
-
 from layout_corpus import DTYPES, TOLERANCE, BuiltLayout, build_layout, load_corpus
 from lora_loom.composition.adapters import merged_delta
 from lora_loom.composition.formats.provenance import VARIANTS, WRITERS, identify
-from lora_loom.composition.loading import clear_cache, load_adapter_set, read_header
+from lora_loom.composition.loading import load_adapter_set, read_header
 
 CORPUS = load_corpus()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    clear_cache()
-    yield
-    clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_lora_cache")
 
 
 def loaded_deltas(adapter_set, built: BuiltLayout) -> dict[str, torch.Tensor]:

@@ -185,6 +185,7 @@ def test_training_step_works_inside_inference_mode():
     optimizer = torch.optim.SGD(toy.gate.parameters(), lr=0.1)
     before = toy.gate.bias.detach().clone()
     with torch.inference_mode():
-        clean, noise, sigma, cond = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.tensor([0.3, 0.7]), torch.zeros(1, 1, 8)
+        clean, noise = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+        sigma, cond = torch.tensor([0.3, 0.7]), torch.zeros(1, 1, 8)
         report = gate_training_step(toy.predict, optimizer, clean, noise, sigma, cond)
     assert report.loss > 0 and not torch.equal(before, toy.gate.bias.detach())

@@ -44,7 +44,8 @@ def library(tmp_path: Path) -> Library:
 
 SEARCH_CASES = [
     ("inkwash", SearchFilters(), ["styles/anime/ink.safetensors"]),
-    ("ink", SearchFilters(), ["styles/anime/ink.safetensors", "characters/knight.safetensors"]),  # name beats description
+    # name beats description
+    ("ink", SearchFilters(), ["styles/anime/ink.safetensors", "characters/knight.safetensors"]),
     ("celshade", SearchFilters(), ["styles/anime/cel.safetensors"]),  # civitai trained word
     ("broom", SearchFilters(), ["characters/witch.safetensors"]),  # tag frequency
     ("armour", SearchFilters(), ["characters/knight.safetensors"]),  # civitai description, HTML stripped

@@ -42,7 +42,8 @@ def one_thread() -> Iterator[None]:
 def test_layout_counts_and_dims() -> None:
     flux = FluxLayout()
     assert len(flux.layers) == 19 * 10 + 38 * 3
-    assert flux.layers[0].name == "double_blocks.0.img_attn.qkv" and flux.layers[-1].name == "single_blocks.37.modulation.lin"
+    assert flux.layers[0].name == "double_blocks.0.img_attn.qkv"
+    assert flux.layers[-1].name == "single_blocks.37.modulation.lin"
     assert flux.kinds["linear1"] == (3072, 3 * 3072 + 4 * 3072) and flux.kinds["linear2"] == (5 * 3072, 3072)
 
 
@@ -59,7 +60,8 @@ def test_read_factors_key_spellings(tmp_path: Path, style: str) -> None:
 @pytest.mark.parametrize("rank", [1, 3, 8])
 def test_singular_values_match_dense_svd(rank: int) -> None:
     gen = torch.Generator().manual_seed(rank)
-    factors = LowRankFactors(up=torch.randn(48, rank, generator=gen), down=torch.randn(rank, 20, generator=gen), scale=0.5)
+    factors = LowRankFactors(up=torch.randn(48, rank, generator=gen), down=torch.randn(rank, 20, generator=gen),
+                             scale=0.5)
     dense = torch.linalg.svdvals(factors.up @ factors.down * 0.5)[:4]
     assert torch.allclose(singular_values(factors, 4)[:min(4, rank)], dense[:min(4, rank)], rtol=1e-4)
     assert torch.all(singular_values(factors, 4)[rank:] == 0)
@@ -78,7 +80,8 @@ def test_signature_is_invariant_to_factorisation_and_strength() -> None:
     per_layer = SignatureConfig().per_layer
     blocks = a.reshape(-1)  # zero fill: only layer 5's entries (spectrum and sketch parts) are non-zero
     spectrum, sketch = blocks[: len(LAYOUT.layers) * 4].reshape(-1, 4), blocks[len(LAYOUT.layers) * 4:].reshape(-1, 8)
-    assert np.flatnonzero(np.abs(spectrum).sum(1)).tolist() == [5] and np.flatnonzero(np.abs(sketch).sum(1)).tolist() == [5]
+    assert np.flatnonzero(np.abs(spectrum).sum(1)).tolist() == [5]
+    assert np.flatnonzero(np.abs(sketch).sum(1)).tolist() == [5]
     assert per_layer == 12 and not weight_signature({}, LAYOUT).any()
 
 

@@ -6,10 +6,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+import library_factory as factory
 import pytest
 import torch
-
-import library_factory as factory
 from layout_corpus import build_layout, load_corpus
 from lora_loom.cli import main
 from lora_loom.retrieval.explain import details_json, hit_json

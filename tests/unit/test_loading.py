@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lora_factory import FluxDims, build_lora, save_case
 from lora_loom.composition import loading
 from lora_loom.composition.adapters import merged_delta
-from lora_loom.composition.loading import (HeaderError, UnsafeFileError, file_sha256, load_adapter_set,
-                                           read_header)
+from lora_loom.composition.loading import HeaderError, UnsafeFileError, file_sha256, load_adapter_set, read_header
 
 DIMS = FluxDims()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
-    loading.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_lora_cache")
 
 
 @pytest.fixture()

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from lora_loom.kernels.multi_lora import (AdapterFactors, MultiLoRAError, masked_multi_lora,
-                                          masked_multi_lora_reference, select_active, stack_lora)
+from lora_loom.kernels.multi_lora import (
+    AdapterFactors,
+    MultiLoRAError,
+    masked_multi_lora,
+    masked_multi_lora_reference,
+    select_active,
+    stack_lora,
+)
 
 C_IN, C_OUT = 24, 36
 
@@ -101,7 +106,8 @@ def test_stack_layout() -> None:
     assert stacked.rank_owner.tolist() == [0, 0, 1, 1, 1]
     assert stacked.rank_scale.tolist() == [0.5, 0.5, 1.5, 1.5, 1.5]
     assert stacked.up[12:, :2].abs().sum() == 0 and stacked.up[:20, 2:].abs().sum() == 0
-    assert [(s.rank_start, s.rank_end, s.out_start, s.out_end) for s in stacked.slices] == [(0, 2, 0, 12), (2, 5, 20, 36)]
+    slices = [(s.rank_start, s.rank_end, s.out_start, s.out_end) for s in stacked.slices]
+    assert slices == [(0, 2, 0, 12), (2, 5, 20, 36)]
 
 
 @pytest.mark.parametrize("factors, message", [

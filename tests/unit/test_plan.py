@@ -5,9 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from lora_loom.composition.plan import (ComposeOptions, Plan, PlanError, Region, RegionMask, RuleSchedule, TextSpans,
-                                        TokenSpan, parse_rule_blocks, region_token_masks)
+from lora_loom.composition.plan import (
+    ComposeOptions,
+    Plan,
+    PlanError,
+    Region,
+    RegionMask,
+    RuleSchedule,
+    TextSpans,
+    TokenSpan,
+    parse_rule_blocks,
+    region_token_masks,
+)
 
 
 def _mask(h: int, w: int, rows: slice, cols: slice, batch: int | None = None) -> RegionMask:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from lora_loom.playground import scoring, text, world
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from lora_loom.playground import detector, latent, text, world
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,13 +5,29 @@ import dataclasses
 
 import pytest
 import torch
-
-from lora_loom.composition.plan import (ComposeOptions, Plan, PlanError, Region, RegionOptions, TextSpans,
-                                        region_token_masks)
-from lora_loom.composition.regional import (BACKGROUND_IMAGE, GLOBAL_TEXT, ActiveRules, active_rules,
-                                            allowed_groups, base_allowed, blend_base, label_joint_sequence,
-                                            region_image_group, region_text_group, region_token_weights,
-                                            rule_applies)
+from lora_loom.composition.plan import (
+    ComposeOptions,
+    Plan,
+    PlanError,
+    Region,
+    RegionOptions,
+    TextSpans,
+    region_token_masks,
+)
+from lora_loom.composition.regional import (
+    BACKGROUND_IMAGE,
+    GLOBAL_TEXT,
+    ActiveRules,
+    active_rules,
+    allowed_groups,
+    base_allowed,
+    blend_base,
+    label_joint_sequence,
+    region_image_group,
+    region_text_group,
+    region_token_weights,
+    rule_applies,
+)
 from lora_loom.kernels.probes import attention_probabilities
 
 T0, BG = GLOBAL_TEXT, BACKGROUND_IMAGE

@@ -114,7 +114,10 @@ def test_attention_runs_outermost_controller_first_then_the_previous_override():
         return func(q, k, v, heads, **kwargs) * 10
 
     override = RuntimeAttention(runtime, previous)
-    func = lambda q, k, v, heads, **kwargs: q
+
+    def func(q, k, v, heads, **kwargs):
+        return q
+
     q = torch.ones(1)
     assert torch.equal(override(func, q, q, q, 1), q * 10) and seen == ["previous"]  # outside a call
     seen.clear()

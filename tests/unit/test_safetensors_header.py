@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from lora_factory import safetensors_loads
 from lora_loom.files.safetensors_header import HeaderError, UnsafeFileError, read_header
 

@@ -1,11 +1,12 @@
-"""Finding and importing ComfyUI from the command line, the way ComfyUI's main.py prepares itself."""
+"""Finding and importing ComfyUI outside a running server (the ``loom`` commands, the benchmarks, playground
+training), the way ComfyUI's main.py prepares itself."""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
-PACK_DIR = Path(__file__).resolve().parents[1]
+PACK_DIR = Path(__file__).resolve().parent
 
 
 class ComfyNotFound(RuntimeError):

@@ -1,6 +1,7 @@
-"""Argument types shared by every ``loom`` command: numbers are checked (finite, within a range) when the
-command line is parsed, so ``--strength nan`` or ``-k -5`` stop with argparse's usage error naming the option,
-never a traceback or a NaN written to disk; ``--force`` is the one way to replace an existing output file."""
+"""Argument types shared by every ``loom`` command and ``python -m lora_loom.playground.train``: numbers are
+checked (finite, within a range) when the command line is parsed, so ``--strength nan`` or ``-k -5`` stop with
+argparse's usage error naming the option, never a traceback or a NaN written to disk; ``--force`` is the one way
+to replace an existing output file."""
 from __future__ import annotations
 
 import argparse
