@@ -2,8 +2,9 @@
 Comfy.VueNodes.Enabled) switched on, in real headless Chromium against the real server: on the two-region
 example, each editor sits inside its Vue node; the region box editors and the Compose view have drawn their boxes
 (their canvases read back, pixel colours compared with the region colours); a box resized by mouse lands in the
-widget value that the workflow serialises and the Compose view redraws with it; a stack row switched off by a
-click lands in the stack's serialised rows (its rows JSON stays hidden). The setting is put back to the classic canvas afterwards."""
+widget value that the workflow serialises and the Compose view redraws with it, as every editor does when the
+latent's width is typed into its node; a stack row switched off by a click lands in the stack's serialised rows
+(its rows JSON stays hidden). The setting is put back to the classic canvas afterwards."""
 from __future__ import annotations
 
 import json
@@ -110,6 +111,23 @@ def test_editors_draw_and_edit_inside_vue_nodes(comfy_server, object_info):
         assert_colour(page, compose, (0.3, 0.7), BACKGROUND, "where Region 1's box was, on Loom Compose")
         assert_colour(page, compose, (0.3, 0.3), red, "Region 1's resized box on Loom Compose")
         page.screenshot(path=str(ARTIFACTS / "web_vue_nodes_edited.png"))
+
+        # an edit in another Vue node reaches the editors: the latent's width typed in (256x128) makes their drawing
+        # areas twice as wide as high
+        latent = page.evaluate("() => window.app.graph._nodes.find(n => n.type === 'EmptySD3LatentImage').id")
+        show_node(page, latent)
+        width = page.locator(f'[data-node-id="{latent}"] input').first
+        assert width.input_value() == "128"
+        width.focus()  # typed as a user types (frontend 1.32's number field ignores a value filled in at once)
+        page.keyboard.press("Control+A")
+        page.keyboard.type("256")
+        page.keyboard.press("Enter")
+        try:
+            page.wait_for_function("""(ids) => ids.every(id => { const n = window.app.graph.getNodeById(id);
+                const v = (n.loomRegion ?? n.loomCompose).surface.view; return Math.abs(v.width / v.height - 2) < 0.01; })""",
+                                   arg=[first, second, compose], timeout=10_000)
+        except PlaywrightTimeout:
+            pytest.fail("the editors did not redraw for the latent's new width typed into its Vue node")
 
         # the stack row editor: its row shows the LoRA; switching the row off by a click lands in the rows JSON
         show_node(page, stack)
