@@ -185,8 +185,12 @@ function makeSurface(className, node) {
       surface.refresh();
     });
   };
-  surface.dispose = () => surfaces.delete(surface);
-  new ResizeObserver(surface.schedule).observe(canvas); // mounted in a node, the node resized, zoomed (Vue nodes)
+  const resized = new ResizeObserver(surface.schedule); // mounted in a node (Vue nodes), the node resized
+  resized.observe(canvas);
+  surface.dispose = () => {
+    resized.disconnect();
+    surfaces.delete(surface);
+  };
   surfaces.add(surface);
   surface.prepare = (node) => {
     const width = Math.max(40, canvas.offsetWidth || 300);
