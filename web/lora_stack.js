@@ -190,7 +190,8 @@ function renderStack(root, ctl) {
 export function attachStackEditor(node) {
   const rowsWidget = node.widgets?.find((w) => w.name === "rows");
   if (!rowsWidget || node.loomStack) return;
-  rowsWidget.hidden = true;
+  rowsWidget.hidden = true; // the classic canvas reads this, Vue nodes (when the node is added) the option
+  if (rowsWidget.options) rowsWidget.options.hidden = true;
   // `root` is sized by the node; `body` takes its content's natural height, which the node grows to fit
   const body = el("div", { className: "loom-stack" });
   body.style.cssText = "display:flex;flex-direction:column;gap:4px;font:12px sans-serif;color:var(--input-text);" +

@@ -20,7 +20,9 @@ function tallPrompts(node, names) {
     changed = true;
   }
   const want = changed ? node.computeSize?.() : null;
-  if (want && node.size) node.setSize([Math.max(node.size[0], want[0]), Math.max(node.size[1], want[1])]);
+  if (!want || !node.size) return;
+  node.setSize([Math.max(node.size[0], want[0]), Math.max(node.size[1], want[1])]);
+  node.setDirtyCanvas?.(true, true); // frontend 1.49 lays the widgets out (the prompt's height) only when it draws
 }
 
 /** The server's verdict on a rule_blocks spec: null when it reads, else the message. */

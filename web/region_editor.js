@@ -2,6 +2,12 @@
 // ratio (from the EmptySD3LatentImage / EmptyLatentImage connected through the graph, else 1:1); the box lives in
 // the node's x0/y0/x1/y1 widgets, so the workflow JSON serialises and reloads it exactly. On Loom Compose, every
 // chained region's box with its prompt and LoRAs (read-only). A connected MASK overrides the box, as in the node.
+//
+// Each editor owns its <canvas> in a DOM widget and redraws itself when what it shows changes (its signature):
+// on its own events (a box edited, the canvas resized or mounted, links changed, a workflow loaded), after any
+// edit on the page (a pointer released, a field changed or typed in), and on each frame the classic LiteGraph
+// canvas draws the node. The same drawing code serves both renderers: the classic canvas and the Vue node
+// renderer ("Nodes 2.0", which moves the DOM widget into its node and never calls onDrawForeground).
 import { app } from "../../scripts/app.js";
 import { parseRows } from "./stack_rows.js";
 import {
@@ -30,6 +36,7 @@ function writeBox(node, box) {
     w.callback?.(w.value, app.canvas, node);
   }
   node.setDirtyCanvas?.(true, true);
+  refreshAll(); // the regions after this one and Loom Compose show the box too
 }
 
 function linksOf(graph) {
@@ -136,15 +143,55 @@ function drawBackground(ctx, view, size) {
     view.top + view.height - 5);
 }
 
-/** The editor element: a canvas sized to its box, redrawn by `draw()`; `view` is where the latent is drawn. */
-function makeSurface(className) {
+/** The surfaces of the editors on the page. */
+const surfaces = new Set();
+
+/** Ask every editor to redraw if what it shows changed (at most once per frame each). */
+function refreshAll() {
+  for (const surface of surfaces) surface.schedule();
+}
+
+/** A signature of what the drawing depends on, so the canvas is redrawn only when something changed. */
+function signature(node, surface) {
+  const graph = node.graph ?? app.graph;
+  const regions = node.type === "LoomCompose" ? collectRegions(node.id, describe(graph))
+    : [describe(graph)(node.id).region, ...collectRegions(inputNode(node, "regions")?.id, describe(graph))];
+  return JSON.stringify([regions, latentSize(node), surface.canvas.offsetWidth, surface.canvas.offsetHeight]);
+}
+
+/**
+ * The editor element of `node`: a canvas sized to its box, drawn by `surface.draw()` (set by the editor);
+ * `refresh()` draws when the signature changed, `schedule()` refreshes on the next frame; `view` is where the
+ * latent is drawn.
+ */
+function makeSurface(className, node) {
   const root = document.createElement("div");
   root.className = className;
   root.style.cssText = `width:100%;height:${EDITOR_HEIGHT}px;position:relative;`;
   const canvas = document.createElement("canvas");
   canvas.style.cssText = "width:100%;height:100%;display:block;touch-action:none;cursor:crosshair;";
   root.append(canvas);
-  const surface = { root, canvas, view: null, size: null };
+  const surface = { root, canvas, view: null, size: null, draw: null, drawn: null, frame: 0 };
+  surface.refresh = () => {
+    if (!surface.draw || !node.graph || node.flags?.collapsed) return;
+    const sig = signature(node, surface);
+    if (sig === surface.drawn) return;
+    surface.drawn = sig;
+    surface.draw();
+  };
+  surface.schedule = () => {
+    surface.frame ||= requestAnimationFrame(() => {
+      surface.frame = 0;
+      surface.refresh();
+    });
+  };
+  const resized = new ResizeObserver(surface.schedule); // mounted in a node (Vue nodes), the node resized
+  resized.observe(canvas);
+  surface.dispose = () => {
+    resized.disconnect();
+    surfaces.delete(surface);
+  };
+  surfaces.add(surface);
   surface.prepare = (node) => {
     const width = Math.max(40, canvas.offsetWidth || 300);
     const height = Math.max(40, canvas.offsetHeight || EDITOR_HEIGHT);
@@ -165,7 +212,7 @@ function makeSurface(className) {
 
 function attachRegionEditor(node) {
   if (node.loomRegion) return;
-  const surface = makeSurface("loom-region-editor");
+  const surface = makeSurface("loom-region-editor", node);
   const { canvas } = surface;
   let gesture = null;
 
@@ -177,6 +224,7 @@ function attachRegionEditor(node) {
     const own = describe(node.graph ?? app.graph)(node.id).region;
     drawRegion(ctx, surface.view, own, earlier.length, { active: true });
   };
+  surface.draw = draw;
 
   canvas.addEventListener("pointerdown", (e) => {
     if (e.button !== 0) return;
@@ -196,7 +244,7 @@ function attachRegionEditor(node) {
     }
     e.stopPropagation();
     writeBox(node, dragBox(gesture.box, gesture.mode, gesture.start, pixelToPoint(px, surface.view)));
-    draw();
+    surface.refresh();
   });
   const end = (e) => {
     if (!gesture) return;
@@ -222,7 +270,7 @@ const VIEW_NOTE_HEIGHT = 64;
 
 function attachComposeView(node) {
   if (node.loomCompose) return;
-  const surface = makeSurface("loom-compose-view");
+  const surface = makeSurface("loom-compose-view", node);
   surface.root.style.height = `${EDITOR_HEIGHT + VIEW_NOTE_HEIGHT}px`;
   surface.canvas.style.height = `${EDITOR_HEIGHT}px`;
   const note = document.createElement("div");
@@ -246,6 +294,7 @@ function attachComposeView(node) {
     note.querySelectorAll(".loom-compose-overlap").forEach((d) => { d.style.color = "#fb6"; });
     return regions;
   };
+  surface.draw = draw;
   node.addDOMWidget("regions_view", "loom_regions_view", surface.root, {
     serialize: false, hideOnZoom: false, getMinHeight: () => EDITOR_HEIGHT + VIEW_NOTE_HEIGHT,
     getMaxHeight: () => EDITOR_HEIGHT + VIEW_NOTE_HEIGHT,
@@ -253,39 +302,36 @@ function attachComposeView(node) {
   node.loomCompose = { draw, surface };
 }
 
-/** A signature of what the drawing depends on, so the canvas is redrawn only when something changed. */
-function signature(node, surface) {
-  const graph = node.graph ?? app.graph;
-  const regions = node.type === "LoomCompose" ? collectRegions(node.id, describe(graph))
-    : [describe(graph)(node.id).region, ...collectRegions(inputNode(node, "regions")?.id, describe(graph))];
-  return JSON.stringify([regions, latentSize(node), surface.canvas.offsetWidth, surface.canvas.offsetHeight]);
+const ATTACH = { LoomRegion: attachRegionEditor, LoomCompose: attachComposeView };
+
+// An edit anywhere may change what an editor shows (a latent's size, a prompt, a stack's rows, a link): the
+// editors check after each one. Capture: the Vue node renderer stops pointer events inside its nodes.
+const EDIT_EVENTS = ["pointerup", "change", "input", "keyup"];
+
+/** Chain `method` on the node type's prototype: ours runs after the original, with the same arguments. */
+function chain(nodeType, method, after) {
+  const original = nodeType.prototype[method];
+  nodeType.prototype[method] = function () {
+    const result = original?.apply(this, arguments);
+    after.call(this, ...arguments);
+    return result;
+  };
 }
 
-const ATTACH = { LoomRegion: attachRegionEditor, LoomCompose: attachComposeView };
+const surfaceOf = (node) => (node.loomRegion ?? node.loomCompose)?.surface;
 
 if (!app.extensions?.some((e) => e.name === EXTENSION)) app.registerExtension({
   name: EXTENSION,
+  setup() {
+    for (const type of EDIT_EVENTS) document.addEventListener(type, refreshAll, { capture: true, passive: true });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const attach = ATTACH[nodeData.name];
     if (!attach) return;
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const result = onNodeCreated?.apply(this, arguments);
-      attach(this);
-      return result;
-    };
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function () {
-      const result = onDrawForeground?.apply(this, arguments);
-      const view = this.loomRegion ?? this.loomCompose;
-      if (view && !this.flags?.collapsed) {
-        const sig = signature(this, view.surface);
-        if (sig !== this.loomSignature) {
-          this.loomSignature = sig;
-          view.draw();
-        }
-      }
-      return result;
-    };
+    chain(nodeType, "onNodeCreated", function () { attach(this); });
+    chain(nodeType, "onConfigure", function () { surfaceOf(this)?.schedule(); });
+    chain(nodeType, "onConnectionsChange", () => refreshAll());
+    chain(nodeType, "onRemoved", function () { surfaceOf(this)?.dispose(); });
+    chain(nodeType, "onDrawForeground", function () { surfaceOf(this)?.refresh(); }); // the classic canvas
   },
 });
