@@ -267,6 +267,9 @@ def test_fresh_nodes_have_tall_prompts_and_rule_blocks_is_checked_while_editing(
                 window.app.graph.add(node);
                 out[type] = node.id;
             }
+            // all four in view: frontend 1.49 hides the DOM widgets of nodes outside it
+            window.app.canvas.ds.scale = 0.6; window.app.canvas.ds.offset = [0, 0];
+            window.app.canvas.setDirty(true, true);
             await new Promise((r) => setTimeout(r, 800));
             const h = {};
             for (const [type, id] of Object.entries(out)) {

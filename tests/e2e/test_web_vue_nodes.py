@@ -13,9 +13,9 @@ from pathlib import Path
 from statistics import median
 
 import pytest
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from browser import comfy_page, export_workflow, load_workflow
 from demo_workflows import two_regions
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_web_region_editor import BOXES_JS, mouse_drag, region_id, show_node, to_client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,7 +80,8 @@ def test_editors_draw_and_edit_inside_vue_nodes(comfy_server, object_info):
         show_node(page, first)
         try:
             page.wait_for_function("""(ids) => ids.every(id => { const n = window.app.graph.getNodeById(id);
-                return (n.loomRegion ?? n.loomCompose).surface.view; })""", arg=[first, second, compose], timeout=15_000)
+                return (n.loomRegion ?? n.loomCompose).surface.view; })""",
+                                   arg=[first, second, compose], timeout=15_000)
         except PlaywrightTimeout:
             pytest.fail("the region editors and the Compose view never drew inside their Vue nodes")
 
@@ -124,7 +125,8 @@ def test_editors_draw_and_edit_inside_vue_nodes(comfy_server, object_info):
         page.keyboard.press("Enter")
         try:
             page.wait_for_function("""(ids) => ids.every(id => { const n = window.app.graph.getNodeById(id);
-                const v = (n.loomRegion ?? n.loomCompose).surface.view; return Math.abs(v.width / v.height - 2) < 0.01; })""",
+                const v = (n.loomRegion ?? n.loomCompose).surface.view;
+                return Math.abs(v.width / v.height - 2) < 0.01; })""",
                                    arg=[first, second, compose], timeout=10_000)
         except PlaywrightTimeout:
             pytest.fail("the editors did not redraw for the latent's new width typed into its Vue node")
