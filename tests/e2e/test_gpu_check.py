@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,7 +15,7 @@ METHODS = {"base", "merged", "regional", "regional_noblend", "gates", "hooks", "
 
 def test_gpu_check_runs_every_step_at_tiny_size(tmp_path):
     out = tmp_path / "gpu"
-    env = dict(os.environ, LOOM_PYTHON=str(REPO / ".loom" / "venv" / "bin" / "python"))
+    env = dict(os.environ, LOOM_PYTHON=sys.executable)  # the tier's own ComfyUI runtime (0.3.75 or 0.33)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--tiny", "--out", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
