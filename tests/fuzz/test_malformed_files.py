@@ -260,9 +260,13 @@ def _split_bytes(content: bytes) -> Base:
     header = json.loads(content[8:8 + length])
     if not isinstance(header, dict) or len([k for k in header if k != "__metadata__"]) < 1:
         raise ValueError("not reusable")
-    for value in header.values():
+    for name, value in header.items():
         if not isinstance(value, dict):
             raise ValueError("not reusable")
+        offsets = value.get("data_offsets")
+        if name != "__metadata__" and not (isinstance(offsets, list) and len(offsets) == 2
+                                           and all(type(v) is int for v in offsets)):
+            raise ValueError("not reusable")  # the mutations read each tensor's [begin, end]
     return Base(header, content[8 + length:])
 
 
