@@ -120,7 +120,7 @@ class LoomWeightPatch(WeightAdapterBase):
             return weight
         in_place = weight.dtype == intermediate_dtype and _is_identity(function, weight)
         low_rank = [a for a in self.adapters if in_place and isinstance(a, LoRA)]
-        rest = [a for a in self.adapters if not any(a is b for b in low_rank)]
+        rest = [a for a in self.adapters if not (in_place and isinstance(a, LoRA))]
         if rest:
             delta = merged_delta(rest, tuple(weight.shape), base_weight=weight, dtype=intermediate_dtype,
                                  device=weight.device)
