@@ -138,21 +138,25 @@ class ComposeOptions:
     background: "global" | "isolated" | "shared" (see ``regional.py``); base_ratio: β in
     ``h = (1-β)·h_regional + β·h_base`` while base blending applies; injection / isolation / base_blend: the rules,
     applied in ``double_blocks``/``single_blocks`` (None = all) for sampling percent ``[start_percent,
-    end_percent)``; latent_reinit: LoRA-Composer's window search; refinement: LoRA-Composer's latent refinement,
+    end_percent)`` — isolation is off by default: regions' image tokens seeing each other is how the model forms
+    whole shapes (playground tune split: presence 0.85 -> 0.98 with global_text_adapters off too, BENCHMARKS.md);
+    latent_reinit: LoRA-Composer's window search; refinement: LoRA-Composer's latent refinement,
     with ``refine`` its weights and schedule; attention_path "grouped" (no L×L mask) or "dense"; region_threshold:
     the soft coverage from which an image token belongs to a region; trim_region_padding: region prompts keep their
     start, words and end token but not the padding after (the padding of every region prompt would otherwise run
     through every block: 4 CLIP-L region prompts add 308 text tokens, trimmed ~40; the global prompt keeps its full
     length); global_text_adapters: the global prompt's tokens are read with every region's adapters (text stream),
-    as a merged stack reads them — without it a concept word in the global prompt is a word the base model never
-    learned (measured on the playground: regional presence 0.16 -> 0.44, ``loom bench quality``);
+    as a merged stack reads them. Off by default: read with every region's LoRAs, a class word two LoRAs share
+    ("toy") or any word under a trigger-less style carries each region's LoRA into the others (with isolation on,
+    world v1, it had helped: presence 0.16 -> 0.44; with isolation off the regions get the global picture from
+    each other's image tokens instead);
     regions_see_global: while injection applies a region's image tokens also read the global prompt (off: only
     their own prompt, LoRA-Composer's concept injection)."""
 
     background: str = "global"
     base_ratio: float = 0.2
     injection: bool = True
-    isolation: bool = True
+    isolation: bool = False
     base_blend: bool = True
     double_blocks: frozenset[int] | None = None
     single_blocks: frozenset[int] | None = None
@@ -164,7 +168,7 @@ class ComposeOptions:
     attention_path: str = "grouped"
     region_threshold: float = 0.5
     trim_region_padding: bool = True
-    global_text_adapters: bool = True
+    global_text_adapters: bool = False
     regions_see_global: bool = False
 
     def rules(self) -> tuple[RuleSchedule, ...]:

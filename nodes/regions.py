@@ -89,7 +89,10 @@ class LoomCompose(LoomNode):
                                tooltip="how much each region still looks at the whole picture while the region "
                                        "rules apply (0: only its own region; higher: smoother seams, more mixing)"),
                 io.Boolean.Input("injection", default=True, tooltip="region prompts reach only their region"),
-                io.Boolean.Input("isolation", default=True, tooltip="regions' image tokens do not see each other"),
+                io.Boolean.Input("isolation", default=False,
+                                 tooltip="regions' image tokens do not see each other (LoRA-Composer's concept "
+                                         "isolation; off by default: seeing the whole canvas is how the model forms "
+                                         "whole objects, and each region's LoRAs stay on its own tokens anyway)"),
                 io.String.Input("rule_blocks", default="all",
                                 tooltip="which model blocks keep regions apart: 'all', or e.g. 'd0-18 s0-19' "
                                         "(d = double, s = single blocks, counted from 0)"),
@@ -102,10 +105,11 @@ class LoomCompose(LoomNode):
                 io.Boolean.Input("refinement", default=False,
                                  tooltip="nudge the picture during the first steps so each concept stays in its box "
                                          "(LoRA-Composer; slow)"),
-                io.Boolean.Input("global_text_adapters", default=True, optional=True,
+                io.Boolean.Input("global_text_adapters", default=False, optional=True,
                                  tooltip="read the global prompt's words with every region's LoRAs (trigger words "
-                                         "there mean what the LoRAs taught); off: strict isolation, no region's "
-                                         "LoRA reaches another region even through the global prompt"),
+                                         "there mean what the LoRAs taught); off (default): no region's LoRA "
+                                         "reaches another region through the global prompt, which matters when "
+                                         "LoRAs share a class word or a style has no trigger"),
                 io.Boolean.Input("regions_see_global_prompt", default=False, optional=True,
                                  tooltip="while the rules apply, regions also read the global prompt (off: each "
                                          "region reads only its own prompt, LoRA-Composer's concept injection)"),
@@ -115,9 +119,9 @@ class LoomCompose(LoomNode):
 
     @classmethod
     def execute(cls, model, clip, global_prompt: str, regions, background: str = "global", base_ratio: float = 0.2,
-                injection: bool = True, isolation: bool = True, rule_blocks: str = "all",
+                injection: bool = True, isolation: bool = False, rule_blocks: str = "all",
                 rules_end_percent: float = 1.0, latent_reinit: bool = True,
-                refinement: bool = False, global_text_adapters: bool = True,
+                refinement: bool = False, global_text_adapters: bool = False,
                 regions_see_global_prompt: bool = False) -> io.NodeOutput:
         double_blocks, single_blocks = parse_rule_blocks(rule_blocks)
         options = ComposeOptions(background=background, base_ratio=base_ratio, injection=injection,

@@ -198,7 +198,7 @@ def test_isolation_keeps_other_regions_bit_identical(flux, inputs, background):
     bit for bit in every block (isolation active everywhere), given the same block inputs. Base-ratio blending
     is off: it mixes in a non-isolated base attention by design (Regional-Prompting-FLUX); so are global-text
     adapters: they read the shared global prompt with every region's adapters (the test below)."""
-    options = ComposeOptions(background=background, base_blend=False, latent_reinit=False,
+    options = ComposeOptions(background=background, base_blend=False, latent_reinit=False, isolation=True,
                              global_text_adapters=False, **ALWAYS)
     with_b, composition, encoded = two_regions(flux, options)
     without_b, _, _ = two_regions(flux, options, with_b=False)
@@ -220,8 +220,9 @@ def test_isolation_keeps_other_regions_bit_identical(flux, inputs, background):
 
 
 def test_global_text_adapters_read_the_global_prompt_with_every_region_adapter(flux):
-    on, composition, encoded = two_regions(flux, ComposeOptions(latent_reinit=False, **ALWAYS))
-    off, strict, _ = two_regions(flux, ComposeOptions(latent_reinit=False, global_text_adapters=False, **ALWAYS))
+    on, composition, encoded = two_regions(flux, ComposeOptions(latent_reinit=False, global_text_adapters=True,
+                                                                **ALWAYS))
+    off, strict, _ = two_regions(flux, ComposeOptions(latent_reinit=False, **ALWAYS))  # the default: off
     spans = encoded.spans
     shared = composition.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu")).weights["txt"][0]
     alone = strict.layout_for(8, 8, 1, 1, 0, (True,), torch.device("cpu")).weights["txt"][0]
@@ -237,7 +238,7 @@ def test_probed_probabilities_obey_the_rules(flux, inputs):
     regions' image tokens; every row sums to one; the override's output is that distribution applied to v."""
     import comfy.ldm.modules.attention as attention
 
-    options = ComposeOptions(base_blend=False, latent_reinit=False, **ALWAYS)
+    options = ComposeOptions(base_blend=False, latent_reinit=False, isolation=True, **ALWAYS)
     clone, composition, encoded = two_regions(flux, options)
     seen = []
 
@@ -273,11 +274,12 @@ def test_probed_probabilities_obey_the_rules(flux, inputs):
         assert torch.allclose(out, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("base_blend", [False, True])
-def test_grouped_path_equals_dense_path(flux, inputs, base_blend):
+@pytest.mark.parametrize("base_blend, isolation", [(False, False), (True, False), (False, True), (True, True)])
+def test_grouped_path_equals_dense_path(flux, inputs, base_blend, isolation):
     preds = []
     for path in ("grouped", "dense"):
-        options = ComposeOptions(attention_path=path, base_blend=base_blend, latent_reinit=False, **ALWAYS)
+        options = ComposeOptions(attention_path=path, base_blend=base_blend, isolation=isolation, latent_reinit=False,
+                                 **ALWAYS)
         clone, _, encoded = two_regions(flux, options)
         preds.append(apply_model(clone, inputs["x"], HIGH_SIGMA, encoded.context, inputs["y"]))
     plain_clone, _, encoded = two_regions(flux, ComposeOptions(injection=False, isolation=False,

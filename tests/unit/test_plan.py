@@ -28,8 +28,11 @@ def _mask(h: int, w: int, rows: slice, cols: slice, batch: int | None = None) ->
 def test_options_give_the_rules_and_defaults_are_the_nodes() -> None:
     plan = Plan("g", ())
     assert plan.background == "global" and plan.options.latent_reinit and plan.options.end_percent == 1.0
-    assert [r.rule for r in plan.rules] == ["injection", "isolation", "base_blend"]
+    # isolation and global-text adapters off by default (chosen on the playground tune split, BENCHMARKS.md)
+    assert not plan.options.isolation and not plan.options.global_text_adapters
+    assert [r.rule for r in plan.rules] == ["injection", "base_blend"]
     assert all(r == RuleSchedule(r.rule) for r in plan.rules)  # every block, the whole of sampling
+    assert [r.rule for r in ComposeOptions(isolation=True).rules()] == ["injection", "isolation", "base_blend"]
     options = ComposeOptions(isolation=False, base_ratio=0.0, double_blocks=frozenset({1}), end_percent=0.4)
     assert options.rules() == (RuleSchedule("injection", frozenset({1}), None, 0.0, 0.4),)
 
