@@ -118,9 +118,10 @@ def sample(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, prompts: 
 
 
 def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, featured: world.Concept | None = None,
-             count: int = 16, seed: int = 123, cfg: float = EVAL_CFG) -> float:
-    """Share of single-object prompts ("a <colour> [<texture>] <shape> on the left/right") drawn right; with
-    ``featured`` every object carries that concept and its prompt names it by the concept's trigger word."""
+             count: int = 16, seed: int = 123, cfg: float = EVAL_CFG) -> tuple[float, float]:
+    """Shares of single-object prompts ("a <colour> [<texture>] <shape> on the left/right") drawn right and drawn
+    clean (:meth:`.detector.Detection.is_clean`); with ``featured`` every object carries that concept and its
+    prompt names it by the concept's trigger word."""
     rng = np.random.default_rng(seed)
     regions = []
     for _ in range(count):
@@ -132,8 +133,10 @@ def evaluate(flux: torch.nn.Module, encoder: text.PlaygroundTextEncoder, feature
         box = scoring.LEFT if side == "left" else scoring.RIGHT
         regions.append(scoring.region(box, side, colour, texture, shape, (featured.name,) if featured else ()))
     images = sample(flux, encoder, [r.prompt for r in regions], seed=seed, cfg=cfg).numpy()
-    hits = [detect(image, r.box).matches(r.shape, r.colour, r.texture) for image, r in zip(images, regions)]
-    return float(np.mean(hits))
+    found = [(detect(image, r.box), image, r) for image, r in zip(images, regions)]
+    hits = [d.matches(r.shape, r.colour, r.texture) for d, _, r in found]
+    clean = [d.is_clean(image, r.shape, r.colour, r.texture) for d, image, r in found]
+    return float(np.mean(hits)), float(np.mean(clean))
 
 
 def train_base(settings: TrainingSettings, encoder: text.PlaygroundTextEncoder,
@@ -340,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
         unet_config = playground_model.UNET_CONFIG
         flux = train_base(settings, encoder, unet_config, playground_model.build_flux)
         flux = flux.to(torch.float16).float()  # evaluate what is stored
-        logger.info("base accuracy on base prompts: %.2f", evaluate(flux, encoder))
+        logger.info("base on base prompts: drawn right %.2f, clean %.2f", *evaluate(flux, encoder))
         playground_model.save_playground(model_file, flux.state_dict(), tables, unet_config)
     for index, concept in concepts:
         before = evaluate(flux, encoder, concept)
@@ -354,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
         path = out / "loras" / f"playground_{concept.name}.safetensors"
         with replaced_atomically(path) as temporary:
             save_file(state, temporary, metadata=lora_metadata(concept, settings, trigger_count))
-        logger.info("concept %s: accuracy without LoRA %.2f, with LoRA %.2f -> %s", concept.name, before, after, path)
+        logger.info("concept %s: drawn right (clean) without LoRA %.2f (%.2f), with LoRA %.2f (%.2f) -> %s",
+                    concept.name, *before, *after, path)
     logger.info("done in %.1f min; files under %s", (time.time() - started) / 60, out)
     return 0
 
