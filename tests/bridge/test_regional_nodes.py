@@ -66,6 +66,25 @@ def regions(flux):
     return chained
 
 
+def test_compose_node_defaults_are_the_options_defaults():
+    """The schema's defaults, ``execute``'s keyword defaults and :class:`ComposeOptions` agree (a default changed in
+    one place only would make a workflow built in the UI and one run from Python compose differently)."""
+    import inspect
+
+    options = ComposeOptions()
+    schema = {spec.id: spec.default for spec in LoomCompose.define_schema().inputs
+              if getattr(spec, "default", None) is not None and spec.id != "global_prompt"}
+    signature = {name: p.default for name, p in inspect.signature(LoomCompose.execute).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+    assert schema == signature
+    field_of = {"rules_end_percent": "end_percent", "regions_see_global_prompt": "regions_see_global"}
+    for name, default in schema.items():
+        if name != "rule_blocks":
+            assert getattr(options, field_of.get(name, name)) == default, name
+    assert parse_rule_blocks(schema["rule_blocks"]) == (options.double_blocks, options.single_blocks)
+    assert not options.isolation and not options.global_text_adapters  # chosen on the tune split (BENCHMARKS.md)
+
+
 def test_regions_chain_combine_and_mask_overrides_box(regions):
     assert [r.region.prompt for r in regions] == ["a red fox", "a blue bird"]
     assert regions[1].entries[0].name == "bird.safetensors"
