@@ -140,9 +140,10 @@ def test_rule_schedule_follows_the_options() -> None:
     for rule, block_type, index, percent, expected in cases:
         assert rule_applies(plan, rule, block_type, index, percent) is expected, (rule, block_type, index, percent)
     assert active_rules(plan, "double", 0, 0.3) == ActiveRules(True, False, True)
-    assert active_rules(Plan("g", (), ComposeOptions(base_ratio=0.0)), "double", 0, 0.0) == ActiveRules(True, True,
-                                                                                                       False)
-    assert rule_applies(Plan("g", ()), "isolation", "single", 37, 1.0)  # a window ending at 1 includes the end
+    isolated = ComposeOptions(base_ratio=0.0, isolation=True)
+    assert active_rules(Plan("g", (), isolated), "double", 0, 0.0) == ActiveRules(True, True, False)
+    assert active_rules(Plan("g", ()), "double", 0, 0.0) == ActiveRules(True, False, True)  # the defaults
+    assert rule_applies(Plan("g", (), isolated), "isolation", "single", 37, 1.0)  # a window ending at 1: included
     with pytest.raises(PlanError, match="block_type 'triple'"):
         rule_applies(plan, "injection", "triple", 0, 0.0)
 
