@@ -9,6 +9,8 @@ from ..composition.plan import BACKGROUND_MODES, ComposeOptions, parse_rule_bloc
 from .checks import LoomNode
 from .types import LoomAdapters
 
+DEFAULTS = ComposeOptions()  # Loom Compose's input defaults are the options' (chosen in composition/plan.py)
+
 LoomRegions = io.Custom("LOOM_REGIONS")  # tuple[ComposedRegion, ...]
 COMBINE_INPUTS = 6
 
@@ -82,35 +84,36 @@ class LoomCompose(LoomNode):
                 io.String.Input("global_prompt", multiline=True, default="",
                                 tooltip="the whole picture in words; each region adds its own prompt"),
                 LoomRegions.Input("regions", tooltip="from Loom Region / Loom Regions: boxes with prompts and LoRAs"),
-                io.Combo.Input("background", options=list(BACKGROUND_MODES), default="global",
+                io.Combo.Input("background", options=list(BACKGROUND_MODES), default=DEFAULTS.background,
                                tooltip="global: background sees every region; isolated: background only sees "
                                        "background; shared: background also reads every region prompt"),
-                io.Float.Input("base_ratio", default=0.2, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("base_ratio", default=DEFAULTS.base_ratio, min=0.0, max=1.0, step=0.01,
                                tooltip="how much each region still looks at the whole picture while the region "
                                        "rules apply (0: only its own region; higher: smoother seams, more mixing)"),
-                io.Boolean.Input("injection", default=True, tooltip="region prompts reach only their region"),
-                io.Boolean.Input("isolation", default=False,
+                io.Boolean.Input("injection", default=DEFAULTS.injection,
+                                 tooltip="region prompts reach only their region"),
+                io.Boolean.Input("isolation", default=DEFAULTS.isolation,
                                  tooltip="regions' image tokens do not see each other (LoRA-Composer's concept "
                                          "isolation; off by default: seeing the whole canvas is how the model forms "
                                          "whole objects, and each region's LoRAs stay on its own tokens anyway)"),
                 io.String.Input("rule_blocks", default="all",
                                 tooltip="which model blocks keep regions apart: 'all', or e.g. 'd0-18 s0-19' "
                                         "(d = double, s = single blocks, counted from 0)"),
-                io.Float.Input("rules_end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("rules_end_percent", default=DEFAULTS.end_percent, min=0.0, max=1.0, step=0.01,
                                tooltip="the rules apply from the start to this fraction of sampling (1.0: every step, "
                                        "LoRA-Composer; ~0.4: early steps only, Regional-Prompting-FLUX)"),
-                io.Boolean.Input("latent_reinit", default=True,
+                io.Boolean.Input("latent_reinit", default=DEFAULTS.latent_reinit,
                                  tooltip="start each region from the starting noise that best suits its concept "
                                          "(LoRA-Composer), so concepts appear where their boxes are"),
-                io.Boolean.Input("refinement", default=False,
+                io.Boolean.Input("refinement", default=DEFAULTS.refinement,
                                  tooltip="nudge the picture during the first steps so each concept stays in its box "
                                          "(LoRA-Composer; slow)"),
-                io.Boolean.Input("global_text_adapters", default=False, optional=True,
+                io.Boolean.Input("global_text_adapters", default=DEFAULTS.global_text_adapters, optional=True,
                                  tooltip="read the global prompt's words with every region's LoRAs (trigger words "
                                          "there mean what the LoRAs taught); off (default): no region's LoRA "
                                          "reaches another region through the global prompt, which matters when "
                                          "LoRAs share a class word or a style has no trigger"),
-                io.Boolean.Input("regions_see_global_prompt", default=False, optional=True,
+                io.Boolean.Input("regions_see_global_prompt", default=DEFAULTS.regions_see_global, optional=True,
                                  tooltip="while the rules apply, regions also read the global prompt (off: each "
                                          "region reads only its own prompt, LoRA-Composer's concept injection)"),
             ],
@@ -118,11 +121,12 @@ class LoomCompose(LoomNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, global_prompt: str, regions, background: str = "global", base_ratio: float = 0.2,
-                injection: bool = True, isolation: bool = False, rule_blocks: str = "all",
-                rules_end_percent: float = 1.0, latent_reinit: bool = True,
-                refinement: bool = False, global_text_adapters: bool = False,
-                regions_see_global_prompt: bool = False) -> io.NodeOutput:
+    def execute(cls, model, clip, global_prompt: str, regions, background: str = DEFAULTS.background,
+                base_ratio: float = DEFAULTS.base_ratio, injection: bool = DEFAULTS.injection,
+                isolation: bool = DEFAULTS.isolation, rule_blocks: str = "all",
+                rules_end_percent: float = DEFAULTS.end_percent, latent_reinit: bool = DEFAULTS.latent_reinit,
+                refinement: bool = DEFAULTS.refinement, global_text_adapters: bool = DEFAULTS.global_text_adapters,
+                regions_see_global_prompt: bool = DEFAULTS.regions_see_global) -> io.NodeOutput:
         double_blocks, single_blocks = parse_rule_blocks(rule_blocks)
         options = ComposeOptions(background=background, base_ratio=base_ratio, injection=injection,
                                  isolation=isolation, double_blocks=double_blocks, single_blocks=single_blocks,

@@ -2,6 +2,7 @@
 LoRA-Composer latent re-initialisation (window search, renormalisation, the probing pass)."""
 from __future__ import annotations
 
+import inspect
 import types
 import zlib
 
@@ -69,8 +70,6 @@ def regions(flux):
 def test_compose_node_defaults_are_the_options_defaults():
     """The schema's defaults, ``execute``'s keyword defaults and :class:`ComposeOptions` agree (a default changed in
     one place only would make a workflow built in the UI and one run from Python compose differently)."""
-    import inspect
-
     options = ComposeOptions()
     schema = {spec.id: spec.default for spec in LoomCompose.define_schema().inputs
               if getattr(spec, "default", None) is not None and spec.id != "global_prompt"}
